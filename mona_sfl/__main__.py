@@ -1,0 +1,3 @@
+from mona_sfl.cli import main
+
+raise SystemExit(main())
