@@ -1,0 +1,164 @@
+"""Build a run's pieces from its config: device, data, partition, models, client group, server.
+
+Every process that hosts clients (the driver, a Ray actor, a Flower ClientApp) calls these
+same functions with the same config, so all of them see identical data, partitions and
+initial weights without shipping them around.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from mona_sfl.config import Config, ConfigError
+from mona_sfl.core.client import ClientGroup, ClientHParams
+from mona_sfl.core.server import Server
+from mona_sfl.data.datasets import DataError, ImageData, load_dataset
+from mona_sfl.data.partition import partition
+from mona_sfl.data.stream import ClientStream
+from mona_sfl.data.views import TwoViews
+from mona_sfl.models.split import ServerNet, build_split
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA device is available: use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def load_data(cfg: Config, split: str) -> ImageData:
+    """Train or test data, decoded once into a uint8 tensor; the train set honours data.proportion."""
+    d = cfg.data
+    if d.name != "synthetic" and not d.dir:
+        hint = "" if d.name == "imagefolder" else " (and data.download=true on a machine with internet)"
+        raise ConfigError(f"data.name='{d.name}' needs a data directory: set data.dir=PATH{hint}")
+    data = load_dataset(
+        d.name,
+        split,
+        root=d.dir or None,
+        download=d.download,
+        seed=cfg.seed,
+        synthetic_size=d.synthetic_size,
+        num_classes=d.num_classes,
+        image_size=d.image_size,
+    )
+    if split == "train" and d.proportion < 1.0:
+        rng = np.random.default_rng([cfg.seed, 0xDA7A])
+        n = max(1, int(len(data) * d.proportion))
+        data = data.subset(np.sort(rng.permutation(len(data))[:n]))
+    return data
+
+
+def client_partition(cfg: Config, labels: torch.Tensor, num_classes: int) -> list[np.ndarray]:
+    """The seeded partition of the training set over fed.num_clients clients."""
+    parts = partition(
+        labels.numpy(),
+        cfg.fed.num_clients,
+        cfg.data.partition,
+        rng=np.random.default_rng([cfg.seed, 0x9A27]),
+        noniid_ratio=cfg.data.noniid_ratio,
+        alpha=cfg.data.alpha,
+        num_classes=num_classes,
+    )
+    small = min(len(p) for p in parts)
+    if cfg.train.batch_size > small:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is larger than the smallest client's data ({small} images "
+            f"with {cfg.fed.num_clients} clients): lower train.batch_size or fed.num_clients"
+        )
+    return parts
+
+
+def steps_per_epoch(cfg: Config, parts: list[np.ndarray]) -> int:
+    """train.steps_per_epoch, or ceil(mean client size / batch size)."""
+    if cfg.train.steps_per_epoch > 0:
+        return cfg.train.steps_per_epoch
+    mean = sum(len(p) for p in parts) / len(parts)
+    return max(1, math.ceil(mean / cfg.train.batch_size))
+
+
+def build_models(cfg: Config) -> tuple[nn.Sequential, ServerNet]:
+    """Client front and server net with the run's initial weights (seeded, CPU)."""
+    m = cfg.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_split(
+            m.arch,
+            m.cut,
+            width=m.width,
+            norm=m.norm,
+            weight_std=m.weight_std,
+            proj_hidden=cfg.algo.hidden_dim,
+            proj_dim=cfg.algo.dim,
+        )
+
+
+def client_hparams(cfg: Config) -> ClientHParams:
+    return ClientHParams(
+        lr=cfg.client_lr,
+        momentum=cfg.train.momentum,
+        weight_decay=cfg.train.weight_decay,
+        m=cfg.algo.m,
+        symmetric=cfg.algo.symmetric,
+        schedule=cfg.train.client_schedule,
+        epochs=cfg.train.epochs,
+    )
+
+
+def build_client_group(
+    cfg: Config,
+    client_ids: list[int],
+    *,
+    train: ImageData | None = None,
+    parts: list[np.ndarray] | None = None,
+    device: torch.device | None = None,
+) -> ClientGroup:
+    """A group hosting ``client_ids``; loads data and partitions unless given."""
+    if train is None:
+        train = load_data(cfg, "train")
+    if parts is None:
+        parts = client_partition(cfg, train.labels, len(train.classes))
+    views = TwoViews(train.mean, train.std, size=cfg.data.image_size, blur=cfg.data.blur)
+    streams = {
+        cid: ClientStream(train, parts[cid], cfg.train.batch_size, seed=cfg.seed, client_id=cid, views=views)
+        for cid in client_ids
+    }
+    front, _ = build_models(cfg)
+    return ClientGroup(front, client_hparams(cfg), streams, device=device or resolve_device(cfg.device))
+
+
+def build_server(cfg: Config, device: torch.device) -> Server:
+    _, net = build_models(cfg)
+    a = cfg.algo
+    return Server(
+        net,
+        K=a.K,
+        dim=a.dim,
+        T=a.T,
+        m=a.server_m,
+        lr=cfg.train.lr,
+        momentum=cfg.train.momentum,
+        weight_decay=cfg.train.weight_decay,
+        epochs=cfg.train.epochs,
+        symmetric=a.symmetric,
+        device=device,
+        queue_seed=cfg.seed,
+    )
+
+
+__all__ = [
+    "DataError",
+    "resolve_device",
+    "load_data",
+    "client_partition",
+    "steps_per_epoch",
+    "build_models",
+    "client_hparams",
+    "build_client_group",
+    "build_server",
+]

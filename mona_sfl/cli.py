@@ -1,0 +1,127 @@
+"""Command line: ``mona-sfl train``.
+
+Exit codes: 0 success, 2 a problem with the input (config, data, run folder, checkpoint),
+1 an unexpected error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from mona_sfl.checkpoint import CONFIG, CheckpointError
+from mona_sfl.config import Config, ConfigError, load_config
+
+EXIT_USAGE = 2
+
+
+def bundled_config(name: str) -> Path | None:
+    """A config shipped with the package (``configs/NAME.toml``), or None."""
+    base = resources.files("mona_sfl") / "configs"
+    for suffix in ("", ".toml", ".yaml", ".yml"):
+        p = base / f"{name}{suffix}"
+        if p.is_file():
+            return Path(str(p))
+    return None
+
+
+def resolve_config_path(arg: str | None) -> Path:
+    if arg is None:
+        p = bundled_config("default")
+        if p is None:
+            raise ConfigError("the bundled default config is missing: reinstall mona-sfl or pass --config FILE")
+        return p
+    p = Path(arg)
+    if p.exists():
+        return p
+    found = bundled_config(arg)
+    if found is not None:
+        return found
+    raise ConfigError(f"config file not found: {arg} (neither a file nor a bundled config name)")
+
+
+def default_run_dir(cfg: Config) -> Path:
+    method = "mona" if cfg.algo.align_momentum else "moco"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{cfg.model.arch}-cut{cfg.model.cut}-{method}"
+
+
+def check_new_run_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any((out / n).exists() for n in (CONFIG, "checkpoint.pt", "metrics.jsonl")):
+        raise ConfigError(f"--out {out} already holds a run: continue it with `mona-sfl train --resume {out}` or choose another --out")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mona-sfl", description="Split federated self-supervised learning (MonAcoSFL / MocoSFL).")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (or resume) a run")
+    t.add_argument("--config", help="TOML/YAML config file or bundled config name (default: the bundled 'default')")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set model.cut=4 (repeatable)")
+    t.add_argument("--out", help="run folder (default: runs/<time>-<arch>-cut<N>-<method>)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mona_sfl.engine import Trainer
+
+    if args.resume:
+        if args.config or args.out:
+            raise ConfigError("--resume takes the config and folder of the run: do not pass --config or --out with it")
+        max_steps = None
+        for item in args.overrides:
+            key, _, val = item.partition("=")
+            if key.strip() != "train.max_steps":
+                raise ConfigError(f"--set {key.strip()} cannot change a run being resumed (only train.max_steps can)")
+            try:
+                max_steps = int(val)
+            except ValueError:
+                raise ConfigError(f"--set train.max_steps={val}: value must be of type int") from None
+        trainer = Trainer.resume(args.resume, progress=not args.quiet, max_steps=max_steps)
+        print(f"resuming {args.resume} at step {trainer.global_step} (epoch {trainer.epoch})", file=sys.stderr)
+        summary = trainer.run(resumed=True)
+        run_dir = Path(args.resume)
+    else:
+        cfg = load_config(resolve_config_path(args.config), args.overrides)
+        run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+        check_new_run_dir(run_dir)
+        trainer = Trainer(cfg, run_dir, progress=not args.quiet)
+        print(
+            f"training {cfg.model.arch} width {cfg.model.width} cut {cfg.model.cut} "
+            f"({'MonAcoSFL' if cfg.algo.align_momentum else 'MocoSFL'}), {cfg.fed.num_clients} clients, "
+            f"{trainer.total_steps} steps, runtime {cfg.runtime}, device {trainer.device}, data {cfg.data.name}",
+            file=sys.stderr,
+        )
+        summary = trainer.run()
+    chance = 100.0 / trainer.num_classes
+    init = summary.get("knn_top1_init")
+    init_txt = f"at initialisation {init:.2f}%, " if init is not None else ""
+    print(f"kNN top-1 accuracy: {summary['knn_top1']:.2f}% ({init_txt}chance {chance:.2f}%)")
+    if "linear_top1" in summary:
+        print(f"linear probe top-1 accuracy: {summary['linear_top1']:.2f}%")
+    print(f"steps {summary['steps']}, {summary['images_per_s']:.1f} images/s, {summary['wall_s']:.1f} s; run folder: {run_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    from mona_sfl.data.datasets import DataError
+
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"mona-sfl: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("mona-sfl: interrupted", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
