@@ -1,0 +1,327 @@
+"""Datasets as in-memory uint8 tensors, decoded once at load.
+
+``load_dataset(name, split, ...)`` returns an :class:`ImageData`: all images of the split as
+one ``uint8`` tensor ``(N, 3, H, W)`` plus ``int64`` labels, class names and the per-channel
+mean/std to normalise with. Augmentation then runs on batches of these tensors
+(:mod:`mona_sfl.data.views`), so no per-item decoding happens during training.
+
+Sources (``DATASETS``):
+
+- ``synthetic``: :func:`mona_sfl.data.synthetic.make_synthetic`. ``train`` has
+  ``synthetic_size`` images, ``test`` has ``synthetic_size // 5``; the two splits use
+  different seeds derived from ``seed`` (``SeedSequence([seed, 0 or 1])``), so they are
+  independent draws. No files, no ``root``.
+- ``cifar10``, ``cifar100``, ``svhn``, ``stl10``: ``torchvision.datasets`` with
+  ``root=root`` and ``download=download``. STL-10 uses its labelled ``train`` (5,000) and
+  ``test`` (8,000) splits; SVHN needs ``scipy``. Images whose native size differs from
+  ``image_size`` are resized (STL-10 is 96 px natively: pass ``image_size=96`` to keep it).
+- ``imagefolder``: ``root`` is either the split folder itself (``root/<class>/*.jpg``) or a
+  folder holding ``train/`` and ``test/`` split folders (``root/<split>/<class>/*.jpg``);
+  the second form is used whenever ``root/train`` or ``root/test`` exists. Labels follow
+  the sorted class-folder names (as ``torchvision.datasets.ImageFolder``). Images that are
+  not ``image_size`` square are resized (shorter side) and centre-cropped. Mean/std are
+  computed from the loaded images.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+DATASETS: tuple[str, ...] = ("synthetic", "cifar10", "cifar100", "svhn", "stl10", "imagefolder")
+SPLITS: tuple[str, ...] = ("train", "test")
+
+#: Normalisation constants used by the reference code (CIFAR) and common values (SVHN, STL-10).
+STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+}
+
+#: File endings read by the ``imagefolder`` source (case-insensitive).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+#: Threads decoding image files (file reads overlap; decoding itself mostly holds the GIL).
+DECODE_THREADS = 2
+
+
+class DataError(ValueError):
+    """A dataset, partition or data setting is unusable; the message says how to fix it."""
+
+
+@dataclass
+class ImageData:
+    """A labelled image set held in memory.
+
+    ``images`` is ``uint8 (N, 3, H, W)``, ``labels`` is ``int64 (N,)``, ``classes[k]`` names
+    label ``k``, and ``mean``/``std`` are the per-channel constants for ``Normalize``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        im, lb = self.images, self.labels
+        if not isinstance(im, torch.Tensor) or im.dtype != torch.uint8 or im.dim() != 4 or im.shape[1] != 3:
+            raise DataError(
+                f"ImageData.images must be a uint8 tensor of shape (N, 3, H, W), got "
+                f"{getattr(im, 'dtype', type(im))} {tuple(getattr(im, 'shape', ()))}; decode images to uint8 RGB first"
+            )
+        if not isinstance(lb, torch.Tensor) or lb.dtype != torch.int64 or lb.dim() != 1 or len(lb) != len(im):
+            raise DataError(
+                f"ImageData.labels must be an int64 tensor of shape ({len(im)},), got "
+                f"{getattr(lb, 'dtype', type(lb))} {tuple(getattr(lb, 'shape', ()))}"
+            )
+        if len(lb) and (int(lb.min()) < 0 or int(lb.max()) >= len(self.classes)):
+            raise DataError(
+                f"ImageData labels must lie in [0, {len(self.classes)}) (one per class name), "
+                f"got range [{int(lb.min())}, {int(lb.max())}]"
+            )
+        self.mean = tuple(float(x) for x in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(x) for x in self.std)  # type: ignore[assignment]
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise DataError(f"ImageData needs 3 means and 3 positive stds, got mean={self.mean} std={self.std}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class names (labels are in ``[0, num_classes)``)."""
+        return len(self.classes)
+
+    def subset(self, idx: Any) -> "ImageData":
+        """The images and labels at ``idx`` (indices, a boolean mask, or a slice); shares stats."""
+        if isinstance(idx, slice):
+            sel: Any = idx
+        else:
+            sel = torch.as_tensor(np.asarray(idx))
+            if sel.dtype != torch.bool:
+                sel = sel.long()
+        return ImageData(self.images[sel], self.labels[sel], list(self.classes), self.mean, self.std)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    *,
+    root: str | None = None,
+    download: bool = False,
+    seed: int = 0,
+    synthetic_size: int = 5000,
+    num_classes: int = 10,
+    image_size: int = 32,
+) -> ImageData:
+    """Load split ``split`` ('train' or 'test') of dataset ``name`` (one of ``DATASETS``).
+
+    ``seed``, ``synthetic_size`` and ``num_classes`` only matter for ``synthetic``;
+    ``root``/``download`` only for the file-backed sources. See the module docstring.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; set data.dataset to one of {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        raise DataError(f"data.image_size must be a positive integer, got {image_size!r}")
+
+    if name == "synthetic":
+        from .synthetic import make_synthetic
+
+        if not isinstance(synthetic_size, (int, np.integer)) or synthetic_size < 5:
+            raise DataError(
+                f"data.synthetic_size must be an integer >= 5 (the test split has synthetic_size // 5 images), "
+                f"got {synthetic_size!r}"
+            )
+        split_seed = int(np.random.SeedSequence([int(seed), SPLITS.index(split)]).generate_state(1)[0])
+        n = int(synthetic_size) if split == "train" else int(synthetic_size) // 5
+        return make_synthetic(n, seed=split_seed, num_classes=num_classes, image_size=int(image_size))
+
+    if root is None or str(root) == "":
+        raise DataError(f"dataset {name!r} reads files: set data.root to its directory")
+    if name == "imagefolder":
+        return _load_imagefolder(Path(root), split, int(image_size))
+    return _load_torchvision(name, Path(root), split, bool(download), int(image_size))
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision datasets
+
+
+def _load_torchvision(name: str, root: Path, split: str, download: bool, image_size: int) -> ImageData:
+    """CIFAR-10/100, SVHN, STL-10 through ``torchvision.datasets`` (arrays, no per-item PIL)."""
+    import torchvision.datasets as tvd
+
+    if not download and (not root.is_dir() or not any(root.iterdir())):
+        raise DataError(
+            f"{name}: data directory {str(root)!r} is missing or empty; set data.download=true to fetch "
+            f"{name} into it, or point data.root at a directory that already holds the torchvision files"
+        )
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            ds = cls(str(root), train=split == "train", download=download)
+            arr = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2)  # NHWC -> NCHW
+            labels, classes = ds.targets, list(ds.classes)
+        elif name == "svhn":
+            ds = tvd.SVHN(str(root), split=split, download=download)
+            arr, labels = torch.from_numpy(np.ascontiguousarray(ds.data)), ds.labels
+            classes = [str(k) for k in range(10)]
+        else:  # stl10: labelled splits only
+            ds = tvd.STL10(str(root), split=split, download=download)
+            arr, labels = torch.from_numpy(np.ascontiguousarray(ds.data)), ds.labels
+            classes = list(getattr(ds, "classes", [str(k) for k in range(10)]))
+    except ImportError as exc:
+        raise DataError(
+            f"{name} needs an extra package to read its files ({exc}); install it (e.g. pip install scipy)"
+        ) from exc
+    except (RuntimeError, OSError) as exc:
+        fix = (
+            "the download failed: check the network, or put the torchvision files there by hand"
+            if download
+            else "set data.download=true to fetch it, or point data.root at the directory holding the torchvision files"
+        )
+        raise DataError(f"{name}: could not read the {split} split from {str(root)!r} ({exc}); {fix}") from exc
+    images = _resize_square(arr.contiguous(), image_size)
+    mean, std = STATS[name]
+    return ImageData(images, torch.as_tensor(np.asarray(labels), dtype=torch.int64), classes, mean, std)
+
+
+# --------------------------------------------------------------------------------------------
+# Image folders
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    """Resolve ``root`` (split folder, or parent of ``train/``/``test/``) to the split folder."""
+    if not root.is_dir():
+        raise DataError(
+            f"imagefolder: data.root {str(root)!r} is not a directory; point it at a folder of class "
+            f"subfolders (root/<class>/<image>) or at a folder with train/ and test/ split folders"
+        )
+    if (root / "train").is_dir() or (root / "test").is_dir():
+        if not (root / split).is_dir():
+            raise DataError(f"imagefolder: {str(root)!r} has split folders but no {split}/ folder; add {root / split}")
+        return root / split
+    return root
+
+
+def _list_images(folder: Path) -> tuple[list[str], list[Path], list[int]]:
+    """Class names (sorted subfolders) and every image file with its label."""
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"imagefolder: {str(folder)!r} has no class subfolders; the layout must be "
+            f"<root>/<class>/<image> (or <root>/<split>/<class>/<image>)"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    empty: list[str] = []
+    for k, c in enumerate(classes):
+        found = sorted(
+            Path(d) / f
+            for d, _, names in os.walk(folder / c, followlinks=True)
+            for f in names
+            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+        )
+        if not found:
+            empty.append(c)
+        files += found
+        labels += [k] * len(found)
+    if empty:
+        raise DataError(
+            f"imagefolder: no image files ({', '.join(IMAGE_EXTENSIONS)}) in class folder(s) "
+            f"{', '.join(repr(str(folder / c)) for c in empty)}; add images or remove the folder"
+        )
+    return classes, files, labels
+
+
+def _decode_pil(path: Path, data: bytes) -> torch.Tensor:
+    """PIL fallback (BMP, TIFF, ...); DataError naming the file if it cannot be decoded."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    try:
+        with Image.open(BytesIO(data)) as im:
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    except Exception as exc:  # PIL raises many types for broken files
+        raise DataError(f"imagefolder: cannot decode image file {str(path)!r} ({exc}); delete or replace it") from exc
+
+
+def _load_imagefolder(root: Path, split: str, image_size: int) -> ImageData:
+    """Decode every image of the split once, straight into one tensor, on a small thread pool."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    folder = _split_dir(root, split)
+    classes, files, labels = _list_images(folder)
+    images = torch.empty(len(files), 3, image_size, image_size, dtype=torch.uint8)
+    fast = (".jpg", ".jpeg", ".png")  # libjpeg-turbo / libpng through torchvision
+    rgb = ImageReadMode.RGB
+
+    def work(rows: range) -> None:
+        for k in rows:
+            path = files[k]
+            data = path.read_bytes()
+            img = None
+            if path.suffix.lower() in fast:
+                try:
+                    img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=rgb)
+                except (RuntimeError, ValueError):
+                    pass  # PIL gets a go, and reports the error if it fails too
+            if img is None:
+                img = _decode_pil(path, data)
+            if img.shape[-2:] != images.shape[-2:]:
+                img = _resize_square(img.unsqueeze(0), image_size)[0]
+            images[k] = img
+
+    workers = max(1, min(DECODE_THREADS, os.cpu_count() or 1, len(files)))
+    with ThreadPoolExecutor(workers) as ex:
+        list(ex.map(work, [range(i, len(files), workers) for i in range(workers)]))  # list(): re-raise errors
+    mean, std = channel_stats(images)
+    return ImageData(images, torch.tensor(labels, dtype=torch.int64), classes, mean, std)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N,3,H,W) -> (N,3,size,size): resize the shorter side (antialiased), centre-crop."""
+    if images.shape[-2:] == (size, size):
+        return images
+    from torchvision.transforms.v2 import functional as TF
+
+    out = []
+    for chunk in images.split(1024):
+        out.append(TF.center_crop(TF.resize(chunk, size, antialias=True), [size, size]))
+    return torch.cat(out)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel mean and std of uint8 images (N,3,H,W), as fractions of 255 (exact, via histograms)."""
+    if len(images) == 0:
+        raise DataError("cannot compute mean/std of an empty image set")
+    values = torch.arange(256, dtype=torch.float64)
+    means, stds = [], []
+    for c in range(3):
+        hist = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
+        count = hist.sum()
+        mean = (hist * values).sum() / count
+        var = (hist * (values - mean) ** 2).sum() / count
+        means.append(round(float(mean) / 255.0, 6))
+        stds.append(max(round(float(var.sqrt()) / 255.0, 6), 1e-6))
+    return tuple(means), tuple(stds)  # type: ignore[return-value]
