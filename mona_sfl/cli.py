@@ -1,4 +1,4 @@
-"""Command line: ``mona-sfl train``.
+"""Command line: ``mona-sfl train``, ``mona-sfl attack``, ``mona-sfl comm``.
 
 Exit codes: 0 success, 2 a problem with the input (config, data, run folder, checkpoint),
 1 an unexpected error, 130 interrupted.
@@ -66,6 +66,27 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (default: runs/<time>-<arch>-cut<N>-<method>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress output")
+
+    a = sub.add_parser("attack", help="model-inversion attack on a run's client front (or on an untrained front)")
+    a.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run folder: attacks its synced client front; writes attack.json and attack.png into it")
+    a.add_argument("--untrained", action="store_true", help="attack the run's initial front instead (baseline; writes attack_untrained.json/.png)")
+    a.add_argument("--config", help="instead of RUN_DIR: attack the untrained front of this config (needs --out)")
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override with --config (repeatable)")
+    a.add_argument("--out", help="output folder with --config (attack.json, attack.png)")
+    a.add_argument("--epochs", type=int, default=50, help="decoder training epochs (default 50)")
+    a.add_argument("--aux-fraction", type=float, default=0.01, help="attacker's auxiliary share of the training set (default 0.01)")
+    a.add_argument("--num-test", type=int, default=128, help="held-out test images to reconstruct (default 128)")
+    a.add_argument("--batch-size", type=int, default=32, help="decoder batch size (default 32)")
+    a.add_argument("--decoder-width", type=int, default=64, help="decoder channels (default 64)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the auxiliary draw and the decoder (default 0)")
+    a.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+
+    c = sub.add_parser("comm", help="analytic communication (bytes per step, sync, epoch, run) over cut layers 1..9")
+    c.add_argument("config", nargs="?", help="TOML/YAML config file or bundled config name (default: the bundled 'default')")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    c.add_argument("--steps-per-epoch", type=int, help="steps per epoch (default: train.steps_per_epoch or from the data size)")
+    c.add_argument("--exact", action="store_true", help="print exact byte counts instead of KiB/MiB/GiB")
+    c.add_argument("--reference", action="store_true", help="also print MocoSFL's overhead_calculator formula over the cuts")
     return p
 
 
@@ -118,6 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args)
+        if args.command == "attack":
+            from mona_sfl.privacy.attack import attack_main
+
+            return attack_main(args)
+        if args.command == "comm":
+            from mona_sfl.comms import comm_main
+
+            return comm_main(args)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"mona-sfl: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -14,7 +14,7 @@ class Block:
 sys.meta_path.insert(0, Block())
 import mona_sfl.core.client, mona_sfl.core.server, mona_sfl.core.sync, mona_sfl.core.moco
 import mona_sfl.models, mona_sfl.data.datasets, mona_sfl.eval.knn, mona_sfl.config
-import mona_sfl.build, mona_sfl.engine, mona_sfl.runtime.local, mona_sfl.cli
+import mona_sfl.build, mona_sfl.engine, mona_sfl.runtime.local, mona_sfl.cli, mona_sfl.privacy, mona_sfl.comms
 bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'flwr')]
 print('LOADED', bad)
 sys.exit(1 if bad else 0)

@@ -1,0 +1,550 @@
+"""Model-inversion attack (MIA) on the smashed activations of a client front.
+
+Threat model (algorithm.md section 5): an honest-but-curious server has white-box access to
+a trained client front (the synced global online front, in eval mode) and a small auxiliary
+set of training images. It pushes the auxiliary images through the front to get (activation,
+image) pairs, trains a decoder ``G: activation -> image`` on them, and then reconstructs
+held-out images from their activations alone.
+
+Protocol as implemented here:
+
+* **Auxiliary set**: a seeded random ``aux_fraction`` (default 1%) of the training set, no
+  augmentation (:func:`aux_indices`). It is disjoint from the held-out images: those come
+  from the test split; if the same :class:`ImageData` is passed as both sets, the held-out
+  indices are excluded from the draw; and auxiliary images whose pixels equal a held-out
+  image's (duplicates across splits) are dropped.
+* **Held-out set**: the first ``num_test`` (default 128) test images, fixed.
+* **Decoder** (:class:`Decoder`): ResBlock(C -> w), ``blocks`` x ResBlock(w -> w),
+  ``log2(out / H)`` upsampling stages ``ConvTranspose(stride 2) + BN + ReLU`` (0 when the
+  activation already has the image's resolution), ResBlock(w -> w), conv3x3(w -> 3),
+  sigmoid: output in [0, 1] pixel space. Pre-activation ResBlocks with BatchNorm, plain
+  convolutions (as the reference attacker). ``w = 64``, ``blocks = 4`` by default.
+* **Training**: Adam (lr 1e-3), batch 32, 50 epochs, MSE between ``G(front(x))`` and the
+  image in [0, 1]; the decoder after the last epoch is used (the reference instead keeps the
+  checkpoint with the lowest loss on a single validation batch; there is no validation
+  split here).
+* **Metrics** over the held-out images, all in [0, 1] pixel space with ``data_range=1``:
+  MSE (mean over pixels and images), PSNR (``torchmetrics`` ``peak_signal_noise_ratio``,
+  per image, then averaged) and SSIM (``torchmetrics``
+  ``structural_similarity_index_measure``: 11x11 Gaussian window, sigma 1.5, averaged over
+  images). **No JPEG round trip**: the reference writes images as JPEG and compares against
+  the decoded JPEGs; here originals are the exact uint8 pixels / 255. ``mse_mean_image`` is
+  the MSE of a "no information" guess (the mean auxiliary image), for scale.
+  Lower MSE and higher PSNR/SSIM mean the server recovers more: less privacy.
+
+Files: :func:`attack_run` writes ``attack.json`` and ``attack.png`` (originals in the top
+row, reconstructions below) into the run folder; with ``untrained=True`` (the baseline: the
+front at its initial weights) ``attack_untrained.json`` / ``attack_untrained.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mona_sfl.checkpoint import CONFIG, CheckpointError, atomic_write_bytes, atomic_write_text, load_checkpoint
+from mona_sfl.config import Config, ConfigError, load_config, to_flat
+from mona_sfl.data.datasets import ImageData
+from mona_sfl.data.views import normalize
+
+ATTACK_JSON = "attack.json"
+ATTACK_PNG = "attack.png"
+BASELINE_JSON = "attack_untrained.json"
+BASELINE_PNG = "attack_untrained.png"
+
+# Precompute the auxiliary activations when they fit in this many bytes; else recompute per batch.
+_CACHE_BYTES = 1 << 30
+
+
+# --------------------------------------------------------------------------- decoder
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block: BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus a shortcut.
+
+    The shortcut is the identity when the channel count is kept, else conv1x1 + BN.
+    Shape: (N, c_in, H, W) -> (N, c_out, H, W).
+    """
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(c_in),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        )
+        self.shortcut: nn.Module = (
+            nn.Identity() if c_in == c_out else nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x) + self.shortcut(x)
+
+
+def upsampling_stages(in_size: tuple[int, int] | int, out_size: tuple[int, int] | int) -> int:
+    """Number of stride-2 upsampling stages from an activation of ``in_size`` to ``out_size``.
+
+    ``ceil(log2(out / in))`` over the larger of the two ratios, at least 0 (e.g. 32 -> 32: 0,
+    16 -> 32: 1, 4 -> 32: 3). When ``in * 2**stages`` is not exactly ``out`` the decoder ends
+    with a bilinear resize to ``out``.
+    """
+    ih, iw = (in_size, in_size) if isinstance(in_size, int) else in_size
+    oh, ow = (out_size, out_size) if isinstance(out_size, int) else out_size
+    if min(ih, iw, oh, ow) < 1:
+        raise ValueError(f"sizes must be positive, got activation {in_size} and image {out_size}")
+    ratio = max(oh / ih, ow / iw)
+    return max(0, math.ceil(math.log2(ratio) - 1e-9)) if ratio > 1 else 0
+
+
+class Decoder(nn.Module):
+    """Inverts a client front: activation (N, C, h, w) -> image (N, 3, H, W) in [0, 1].
+
+    Args:
+        in_channels: C of the activation.
+        in_size: (h, w) of the activation.
+        out_size: (H, W) of the images.
+        width: channels inside the decoder (64 in the reference attacker).
+        blocks: ResBlocks at the activation's resolution after the input block (4 in the reference).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        in_size: tuple[int, int] | int,
+        out_size: tuple[int, int] | int = 32,
+        *,
+        width: int = 64,
+        blocks: int = 4,
+        out_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        if in_channels < 1 or width < 1 or blocks < 0:
+            raise ValueError(f"Decoder needs in_channels >= 1, width >= 1, blocks >= 0; got {in_channels}, {width}, {blocks}")
+        self.in_size = (in_size, in_size) if isinstance(in_size, int) else tuple(in_size)
+        self.out_size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
+        self.stages = upsampling_stages(self.in_size, self.out_size)
+        layers: list[nn.Module] = [ResBlock(in_channels, width), nn.ReLU(inplace=True)]
+        for _ in range(blocks):
+            layers += [ResBlock(width, width), nn.ReLU(inplace=True)]
+        for _ in range(self.stages):
+            layers += [
+                nn.ConvTranspose2d(width, width, 3, stride=2, padding=1, output_padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+        layers += [ResBlock(width, width), nn.ReLU(inplace=True), nn.Conv2d(width, out_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+        size = (self.in_size[0] * 2**self.stages, self.in_size[1] * 2**self.stages)
+        self.resize = size != self.out_size
+
+    def forward(self, a: Tensor) -> Tensor:
+        x = self.net(a)
+        if self.resize:
+            x = F.interpolate(x, size=self.out_size, mode="bilinear", align_corners=False)
+        return torch.sigmoid(x)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _image_hashes(images: Tensor) -> list[bytes]:
+    arr = images.contiguous().numpy()
+    return [hashlib.blake2b(arr[i].tobytes(), digest_size=16).digest() for i in range(arr.shape[0])]
+
+
+def aux_indices(
+    train: ImageData,
+    test: ImageData,
+    *,
+    aux_fraction: float = 0.01,
+    num_test: int = 128,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The attacker's auxiliary training indices and the held-out test indices.
+
+    Returns ``(aux, held_out, dropped)``: ``aux`` is a sorted seeded draw of
+    ``max(1, round(aux_fraction * len(train)))`` train indices; ``held_out`` is
+    ``arange(min(num_test, len(test)))``. If ``train is test`` the held-out indices are
+    not drawn; auxiliary images equal pixel for pixel to a held-out image are dropped
+    (``dropped`` counts them), so the two sets never share an image.
+    """
+    if not 0 < aux_fraction <= 1:
+        raise ConfigError(f"aux_fraction must be in (0, 1], got {aux_fraction}")
+    if num_test < 1:
+        raise ConfigError(f"num_test must be >= 1, got {num_test}")
+    if len(test) == 0 or len(train) == 0:
+        raise ConfigError("the attack needs a non-empty training set and test set")
+    held = np.arange(min(int(num_test), len(test)), dtype=np.int64)
+    candidates = np.arange(len(train), dtype=np.int64)
+    if train is test:
+        candidates = np.setdiff1d(candidates, held)
+        if candidates.size == 0:
+            raise ConfigError(f"no auxiliary images left: the {len(held)} held-out images are the whole set")
+    n_aux = min(candidates.size, max(1, int(round(aux_fraction * len(train)))))
+    rng = np.random.default_rng([int(seed), 0xA77A])
+    aux = np.sort(rng.choice(candidates, size=n_aux, replace=False))
+    held_hashes = set(_image_hashes(test.images[torch.as_tensor(held)]))
+    keep = np.array([h not in held_hashes for h in _image_hashes(train.images[torch.as_tensor(aux)])], dtype=bool)
+    dropped = int((~keep).sum())
+    aux = aux[keep]
+    if aux.size == 0:
+        raise ConfigError("every auxiliary image is also a held-out test image: the attack has nothing to train on")
+    return aux, held, dropped
+
+
+@torch.no_grad()
+def _encode(front: nn.Module, images: Tensor, mean: Any, std: Any, device: torch.device, batch_size: int = 256) -> Tensor:
+    """uint8 images -> client activations (float32, on the CPU), front in eval mode."""
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = normalize(images[i : i + batch_size], mean, std).to(device)
+        out.append(front(x).float().cpu())
+    return torch.cat(out)
+
+
+def _pixels(images: Tensor) -> Tensor:
+    return images.to(torch.float32) / 255.0
+
+
+# --------------------------------------------------------------------------- result
+
+
+@dataclass
+class AttackResult:
+    """Attack metrics (held-out images, [0, 1] pixel space) and how they were obtained."""
+
+    mse: float
+    psnr: float
+    ssim: float
+    aux_size: int
+    num_test: int
+    mse_mean_image: float = float("nan")  # MSE of guessing the mean auxiliary image (no information)
+    epochs: int = 0
+    batch_size: int = 0
+    lr: float = 0.0
+    seed: int = 0
+    aux_fraction: float = 0.0
+    decoder_width: int = 0
+    decoder_blocks: int = 0
+    upsampling_stages: int = 0
+    activation_shape: list[int] = field(default_factory=list)
+    image_size: list[int] = field(default_factory=list)
+    aux_dropped_duplicates: int = 0
+    final_train_loss: float = float("nan")
+    train_s: float = 0.0
+    jpeg: bool = False  # no JPEG round trip (the reference compares against JPEG-decoded images)
+    grid_path: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # run folder, cut, method, checkpoint step, ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"MSE {self.mse:.5f}  PSNR {self.psnr:.2f} dB  SSIM {self.ssim:.4f}  "
+            f"(mean-image MSE {self.mse_mean_image:.5f}; decoder trained {self.epochs} epochs on {self.aux_size} "
+            f"auxiliary images, evaluated on {self.num_test} held-out test images; no JPEG round trip)"
+        )
+
+
+def _ssim_kernel(h: int, w: int) -> int:
+    k = min(11, h, w)
+    return k if k % 2 == 1 else k - 1
+
+
+def _metrics(rec: Tensor, orig: Tensor) -> tuple[float, float, float]:
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    rec = rec.clamp(0, 1).double()
+    orig = orig.double()
+    mse = float(F.mse_loss(rec, orig))
+    # Per-image PSNR, averaged; a perfect reconstruction (MSE 0) would give inf: clamp at 100 dB.
+    per_mse = (rec - orig).pow(2).flatten(1).mean(1)
+    if bool((per_mse > 0).all()):
+        psnr = float(peak_signal_noise_ratio(rec, orig, data_range=1.0, dim=(1, 2, 3)))
+    else:
+        psnr = float((10 * torch.log10(1.0 / per_mse.clamp_min(1e-10))).mean())
+    ks = _ssim_kernel(rec.shape[-2], rec.shape[-1])
+    ssim = float(structural_similarity_index_measure(rec, orig, data_range=1.0, kernel_size=ks))
+    return mse, psnr, ssim
+
+
+def _save_grid(path: Path, orig: Tensor, rec: Tensor, n: int = 16) -> None:
+    from torchvision.utils import save_image
+
+    n = min(n, orig.shape[0])
+    grid = torch.cat([orig[:n], rec[:n].clamp(0, 1)]).float()
+    buf = io.BytesIO()
+    save_image(grid, buf, nrow=n, padding=2, pad_value=1.0, format="png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- the attack
+
+
+def attack_front(
+    front: nn.Module,
+    train: ImageData,
+    test: ImageData,
+    *,
+    aux_fraction: float = 0.01,
+    num_test: int = 128,
+    epochs: int = 50,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    grid_path: str | Path | None = None,
+    decoder_width: int = 64,
+    decoder_blocks: int = 4,
+    grid_images: int = 16,
+    log_every: int = 0,
+) -> AttackResult:
+    """Train a decoder on auxiliary (activation, image) pairs and reconstruct held-out images.
+
+    ``front`` is not modified (a copy is put in eval mode on ``device``). ``train`` supplies
+    the auxiliary set and the normalisation constants the client uses; ``test`` the held-out
+    images (see :func:`aux_indices`). Deterministic for a given ``seed`` on the CPU.
+    ``log_every > 0`` prints the training loss every that many epochs to stderr.
+    """
+    import copy
+
+    if epochs < 1:
+        raise ConfigError(f"attack epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ConfigError(f"attack batch size must be >= 1, got {batch_size}")
+    if not lr > 0:
+        raise ConfigError(f"attack lr must be > 0, got {lr}")
+    dev = torch.device(device)
+    aux, held, dropped = aux_indices(train, test, aux_fraction=aux_fraction, num_test=num_test, seed=seed)
+    aux_images = train.images[torch.as_tensor(aux)]
+    test_images = test.images[torch.as_tensor(held)]
+    out_size = (int(test_images.shape[-2]), int(test_images.shape[-1]))
+    if tuple(aux_images.shape[-2:]) != out_size:
+        raise ConfigError(f"train images are {tuple(aux_images.shape[-2:])} but test images are {out_size}")
+
+    front = copy.deepcopy(front).to(dev).eval()
+    for p in front.parameters():
+        p.requires_grad_(False)
+    mean, std = train.mean, train.std
+    t0 = time.perf_counter()
+    test_act = _encode(front, test_images, mean, std, dev)
+    act_shape = tuple(int(d) for d in test_act.shape[1:])
+    cache = len(aux) * math.prod(act_shape) * 4 <= _CACHE_BYTES
+    aux_act = _encode(front, aux_images, mean, std, dev) if cache else None
+    aux_pix = _pixels(aux_images)
+    test_pix = _pixels(test_images)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dec = Decoder(act_shape[0], act_shape[1:], out_size, width=decoder_width, blocks=decoder_blocks).to(dev)
+    opt = torch.optim.Adam(dec.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+    n = len(aux)
+    last = float("nan")
+    dec.train()
+    for ep in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        total, count = 0.0, 0
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            a = aux_act[idx] if aux_act is not None else _encode(front, aux_images[idx], mean, std, dev)
+            y = aux_pix[idx].to(dev)
+            loss = F.mse_loss(dec(a.to(dev)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * idx.numel()
+            count += idx.numel()
+        last = total / max(count, 1)
+        if log_every and (ep + 1) % log_every == 0:
+            print(f"attack epoch {ep + 1}/{epochs}: train MSE {last:.5f}", file=sys.stderr, flush=True)
+
+    dec.eval()
+    with torch.no_grad():
+        rec = torch.cat([dec(test_act[i : i + 256].to(dev)).float().cpu() for i in range(0, test_act.shape[0], 256)])
+    mse, psnr, ssim = _metrics(rec, test_pix)
+    mean_img = aux_pix.mean(0, keepdim=True).expand_as(test_pix)
+    mse_mean = float(F.mse_loss(mean_img.double(), test_pix.double()))
+    train_s = time.perf_counter() - t0
+    gp = None
+    if grid_path is not None:
+        _save_grid(Path(grid_path), test_pix, rec, grid_images)
+        gp = str(grid_path)
+    return AttackResult(
+        mse=mse,
+        psnr=psnr,
+        ssim=ssim,
+        aux_size=int(n),
+        num_test=int(len(held)),
+        mse_mean_image=mse_mean,
+        epochs=int(epochs),
+        batch_size=int(batch_size),
+        lr=float(lr),
+        seed=int(seed),
+        aux_fraction=float(aux_fraction),
+        decoder_width=int(decoder_width),
+        decoder_blocks=int(decoder_blocks),
+        upsampling_stages=dec.stages,
+        activation_shape=list(act_shape),
+        image_size=list(out_size),
+        aux_dropped_duplicates=dropped,
+        final_train_loss=last,
+        train_s=train_s,
+        grid_path=gp,
+    )
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    from mona_sfl.build import resolve_device
+
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, torch.device):
+        return device
+    return resolve_device(device)
+
+
+def _config_meta(cfg: Config) -> dict[str, Any]:
+    return {
+        "arch": cfg.model.arch,
+        "cut": cfg.model.cut,
+        "width": cfg.model.width,
+        "method": "MonAcoSFL" if cfg.algo.align_momentum else "MocoSFL",
+        "dataset": cfg.data.name,
+        "config_seed": cfg.seed,
+    }
+
+
+def _attack_cfg(
+    cfg: Config, state: dict[str, Tensor] | None, out_json: Path, out_png: Path, device: Any, meta: dict[str, Any], **kw: Any
+) -> AttackResult:
+    from mona_sfl import build
+
+    front, _ = build.build_models(cfg)
+    if state is not None:
+        try:
+            front.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"the checkpoint's client front does not fit the config's model: {str(e).splitlines()[0]}") from None
+    train = build.load_data(cfg, "train")
+    test = build.load_data(cfg, "test")
+    res = attack_front(front, train, test, device=_resolve_device(device), grid_path=out_png, **kw)
+    res.meta = {**_config_meta(cfg), **meta}
+    atomic_write_text(out_json, json.dumps(res.to_dict(), indent=2) + "\n")
+    return res
+
+
+def attack_run(run_dir: str | Path, *, untrained: bool = False, device: Any = "cpu", **kw: Any) -> AttackResult:
+    """Attack the front of a run folder: ``config.toml`` + the checkpoint's ``global_online``.
+
+    ``untrained=True`` attacks the run's initial front instead (the baseline; no checkpoint
+    needed). Writes ``attack.json`` + ``attack.png`` (``attack_untrained.*`` for the baseline)
+    into the run folder. ``kw`` goes to :func:`attack_front`.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist")
+    if not (run_dir / CONFIG).is_file():
+        raise CheckpointError(f"{run_dir} has no {CONFIG}: it is not a mona_sfl run folder")
+    try:
+        cfg = load_config(run_dir / CONFIG)
+    except ConfigError as e:
+        raise CheckpointError(f"{run_dir / CONFIG} is not a valid config: {e}") from None
+    meta: dict[str, Any] = {"run_dir": str(run_dir), "untrained": bool(untrained)}
+    state = None
+    if not untrained:
+        ckpt = load_checkpoint(run_dir)
+        if "global_online" not in ckpt:
+            raise CheckpointError(f"the checkpoint in {run_dir} has no 'global_online' client front")
+        state = ckpt["global_online"]
+        meta["checkpoint_step"] = int(ckpt.get("global_step", -1))
+    names = (BASELINE_JSON, BASELINE_PNG) if untrained else (ATTACK_JSON, ATTACK_PNG)
+    return _attack_cfg(cfg, state, run_dir / names[0], run_dir / names[1], device, meta, **kw)
+
+
+def attack_config(cfg: Config, out_dir: str | Path, *, device: Any = "cpu", **kw: Any) -> AttackResult:
+    """Attack the untrained front of ``cfg`` (no run folder); writes ``attack.json``/``attack.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"run_dir": None, "untrained": True, "config": to_flat(cfg)}
+    return _attack_cfg(cfg, None, out / ATTACK_JSON, out / ATTACK_PNG, device, meta, **kw)
+
+
+def attack_main(args: Any) -> int:
+    """``mona-sfl attack RUN_DIR [--untrained] ...`` or ``mona-sfl attack --config FILE [--set k=v] --out DIR``."""
+    run_dir = getattr(args, "run_dir", None)
+    config = getattr(args, "config", None)
+    overrides = list(getattr(args, "overrides", None) or [])
+    out = getattr(args, "out", None)
+    kw: dict[str, Any] = {}
+    for name in ("epochs", "aux_fraction", "num_test", "batch_size", "decoder_width", "seed"):
+        v = getattr(args, name, None)
+        if v is not None:
+            kw[name] = v
+    device = getattr(args, "device", None) or "cpu"
+    if run_dir and config:
+        raise ConfigError("pass either a RUN_DIR or --config FILE, not both")
+    if run_dir:
+        if overrides or out:
+            raise ConfigError("--set and --out go with --config (a run folder has its own config; results go into it)")
+        res = attack_run(run_dir, untrained=bool(getattr(args, "untrained", False)), device=device, **kw)
+        where = Path(run_dir)
+    elif config:
+        if not out:
+            raise ConfigError("--config needs --out DIR for attack.json and attack.png")
+        from mona_sfl.cli import resolve_config_path
+
+        cfg = load_config(resolve_config_path(config), overrides)
+        res = attack_config(cfg, out, device=device, **kw)
+        where = Path(out)
+    else:
+        raise ConfigError("pass a RUN_DIR (trained run folder) or --config FILE --out DIR (untrained baseline)")
+    m = res.meta
+    what = "untrained front" if m.get("untrained") else f"trained front (step {m.get('checkpoint_step')})"
+    print(f"model inversion attack on the {what}: {m['arch']} cut {m['cut']} ({m['method']})")
+    print(f"MSE  {res.mse:.5f}   (mean-image guess: {res.mse_mean_image:.5f})")
+    print(f"PSNR {res.psnr:.2f} dB")
+    print(f"SSIM {res.ssim:.4f}")
+    print(
+        f"decoder: {res.epochs} epochs on {res.aux_size} auxiliary training images; {res.num_test} held-out test images; "
+        f"no JPEG round trip; {res.train_s:.1f} s"
+    )
+    stem = BASELINE_JSON if (run_dir and m.get("untrained")) else ATTACK_JSON
+    print(f"wrote {where / stem} and {res.grid_path}")
+    return 0
+
+
+__all__ = [
+    "ATTACK_JSON",
+    "ATTACK_PNG",
+    "BASELINE_JSON",
+    "BASELINE_PNG",
+    "AttackResult",
+    "Decoder",
+    "ResBlock",
+    "attack_config",
+    "attack_front",
+    "attack_main",
+    "attack_run",
+    "aux_indices",
+    "upsampling_stages",
+]

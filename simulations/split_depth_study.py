@@ -1,0 +1,591 @@
+"""Split-depth study: accuracy, privacy and communication of MonAcoSFL vs MocoSFL over cut layers.
+
+For every (method, cut, seed) the study
+
+1. trains a run with :class:`mona_sfl.engine.Trainer` in its own folder ``OUT/runs/<method>-cut<c>-seed<s>``
+   (kNN and linear-probe accuracy come from its ``summary.json``);
+2. runs the model-inversion attack on the run's synced client front
+   (:func:`mona_sfl.privacy.attack_run`: ``attack.json``, ``attack.png`` in the run folder);
+3. counts bytes analytically (:func:`mona_sfl.comms.comm_costs`) and records the runtime's
+   measured counters (non-zero for ``runtime=ray``/``flower``);
+4. extracts the online-vs-momentum misalignment ``ol_ml`` from the sync records of
+   ``metrics.jsonl`` (trajectory saved as ``misalignment.csv`` in the run folder);
+
+and writes one row to ``OUT/split_depth.csv``. Plots (PNG) go to ``OUT/plots/``.
+
+Resumable: rows already in the CSV are skipped; a run folder with a checkpoint but no
+summary is resumed (``Trainer.resume``); finished runs (``summary.json``) and attacks
+(``attack.json`` with the same attack settings and checkpoint step) are reused. ``OUT/study.json``
+records the shared settings; re-running into the same ``--out`` with different settings is
+refused (use another ``--out``). Cuts, methods and seeds may be extended between runs.
+
+Examples::
+
+    python simulations/split_depth_study.py --quick --out runs/study-quick        # a few minutes on 2 cores
+    python simulations/split_depth_study.py --config default --cuts 1,2,4,6,8 --seeds 0,1,2 --out runs/study
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from mona_sfl.checkpoint import CONFIG, SUMMARY, CheckpointError, atomic_write_text, read_metrics
+from mona_sfl.config import Config, ConfigError, load_config, to_flat
+
+METHODS = {"MonAcoSFL": True, "MocoSFL": False}  # name -> algo.align_momentum
+ALIASES = {"mona": "MonAcoSFL", "monacosfl": "MonAcoSFL", "moco": "MocoSFL", "mocosfl": "MocoSFL"}
+SHORT = {"MonAcoSFL": "mona", "MocoSFL": "moco"}
+CSV_NAME = "split_depth.csv"
+STUDY_JSON = "study.json"
+
+COLUMNS = [
+    "method", "cut", "seed", "arch", "width", "activation_shape", "client_params",
+    "knn_top1", "knn_top1_init", "linear_top1",
+    "mia_mse", "mia_psnr", "mia_ssim", "mia_mse_mean_image",
+    "mia_untrained_mse", "mia_untrained_psnr", "mia_untrained_ssim",
+    "ol_ml_mean", "ol_ml_final",
+    "bytes_per_step", "bytes_per_sync", "bytes_per_epoch", "bytes_total", "bytes_latent_total", "bytes_weights_total",
+    "measured_bytes_up", "measured_bytes_down", "measured_bytes_sync",
+    "steps", "syncs", "wall_s", "attack_s", "run_dir",
+]
+
+# Tiny settings for --quick (before the user's --set, which win).
+QUICK_SET = [
+    "runtime=local",
+    "device=cpu",
+    "model.width=0.125",
+    "algo.K=64",
+    "algo.dim=32",
+    "algo.hidden_dim=64",
+    "data.name=synthetic",
+    "data.synthetic_size=400",
+    "fed.num_clients=2",
+    "fed.sync_every=2",
+    "train.epochs=2",
+    "train.steps_per_epoch=4",
+    "train.batch_size=16",
+    "eval.every=0",
+    "eval.linear_epochs=5",
+    "eval.knn_k=20",
+]
+QUICK_CUTS = "1,4,8"
+QUICK_ATTACK = {"epochs": 10, "aux_fraction": 0.1, "num_test": 32, "decoder_width": 16, "decoder_blocks": 1}
+FULL_ATTACK = {"epochs": 50, "aux_fraction": 0.01, "num_test": 128, "decoder_width": 64, "decoder_blocks": 4}
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ConfigError(f"--{what} expects comma-separated integers, got '{text}'") from None
+    if not vals:
+        raise ConfigError(f"--{what} is empty")
+    return list(dict.fromkeys(vals))
+
+
+def _methods(text: str) -> list[str]:
+    out = []
+    for m in text.replace(" ", "").split(","):
+        if not m:
+            continue
+        name = ALIASES.get(m.lower(), m)
+        if name not in METHODS:
+            raise ConfigError(f"--methods: unknown method '{m}': choose from MonAcoSFL (mona), MocoSFL (moco)")
+        out.append(name)
+    if not out:
+        raise ConfigError("--methods is empty")
+    return list(dict.fromkeys(out))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="split_depth_study.py",
+        description="MonAcoSFL vs MocoSFL over cut layers: accuracy, model-inversion attack, communication.",
+    )
+    p.add_argument("--config", help="TOML/YAML config or bundled config name (default: the bundled 'default')")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for every run (repeatable)")
+    p.add_argument("--cuts", help=f"comma-separated cut layers (default 1..9; --quick: {QUICK_CUTS})")
+    p.add_argument("--methods", default="MonAcoSFL,MocoSFL", help="comma-separated: MonAcoSFL (mona), MocoSFL (moco)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--out", default="runs/split_depth_study", help="study folder (default runs/split_depth_study)")
+    p.add_argument("--attack-epochs", type=int, help=f"decoder training epochs (default {FULL_ATTACK['epochs']}; --quick {QUICK_ATTACK['epochs']})")
+    p.add_argument("--attack-aux-fraction", type=float, help="attacker's share of the training set (default 0.01)")
+    p.add_argument("--attack-num-test", type=int, help="held-out test images attacked (default 128)")
+    p.add_argument("--attack-width", type=int, help="decoder channels (default 64)")
+    p.add_argument("--baseline", action="store_true", help="also attack the untrained front of every (cut, seed)")
+    p.add_argument("--quick", action="store_true", help="tiny synthetic version (a few minutes on 2 CPU cores)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; --quick: 1, which is much faster on a busy machine)")
+    p.add_argument("--progress", action="store_true", help="show training progress")
+    p.add_argument("--no-plots", action="store_true", help="write the CSV only")
+    return p
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [dict(r) for r in csv.DictReader(f)]
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    cols = list(COLUMNS)
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _cell(r.get(k)) for k in cols})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else repr(v)
+    return v
+
+
+def row_key(r: dict[str, Any]) -> tuple[str, int, int]:
+    return (str(r["method"]), int(r["cut"]), int(r["seed"]))
+
+
+def _fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_study(out: Path, settings: dict[str, Any]) -> None:
+    """Record the shared settings; refuse to mix results from different settings in one folder."""
+    p = out / STUDY_JSON
+    if p.is_file():
+        old = json.loads(p.read_text(encoding="utf-8"))
+        if old.get("fingerprint") != _fingerprint(settings):
+            prev = old.get("settings", {})
+            diff = sorted(
+                {f"{sec}.{k}" for sec in ("config", "attack") for k in set(prev.get(sec, {})) | set(settings[sec])
+                 if prev.get(sec, {}).get(k) != settings[sec].get(k)}
+            )
+            raise ConfigError(
+                f"{out} holds a study with different settings (differs in: {', '.join(diff[:8]) or '?'}): "
+                "use another --out, or the same --config/--set/--quick/--attack-* options as before"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(p, json.dumps({"fingerprint": _fingerprint(settings), "settings": settings}, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def train_run(cfg: Config, run_dir: Path, *, progress: bool) -> dict[str, Any]:
+    """Train, resume or reuse the run in ``run_dir``; returns its summary."""
+    from mona_sfl.engine import Trainer
+
+    if (run_dir / CONFIG).is_file():
+        try:
+            on_disk = load_config(run_dir / CONFIG)
+        except ConfigError as e:
+            raise CheckpointError(f"{run_dir / CONFIG} is not a valid config: {e}") from None
+        if to_flat(on_disk) != to_flat(cfg):
+            diff = sorted(k for k, v in to_flat(cfg).items() if to_flat(on_disk).get(k) != v)
+            raise ConfigError(f"run folder {run_dir} was trained with another config (differs in: {', '.join(diff[:8])}): use another --out")
+    if (run_dir / SUMMARY).is_file():
+        return json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
+    if (run_dir / "checkpoint.pt").is_file():
+        trainer = Trainer.resume(run_dir, progress=progress)
+        print(f"  resuming {run_dir} at step {trainer.global_step}", flush=True)
+        resumed = True
+    else:
+        for name in (CONFIG, "metrics.jsonl"):  # a run that died before its first checkpoint
+            (run_dir / name).unlink(missing_ok=True)
+        trainer = Trainer(cfg, run_dir, progress=progress)
+        resumed = False
+    try:
+        return trainer.run(resumed=resumed)
+    finally:
+        trainer.runtime.close()
+
+
+def misalignment(run_dir: Path) -> list[dict[str, float]]:
+    """(step, ol_ml, ol_og, ml_mg) of every sync record; also written to ``misalignment.csv``."""
+    recs = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("sync") and "ol_ml" in r]
+    traj = [{"step": int(r["step"]), "ol_ml": float(r["ol_ml"]), "ol_og": float(r.get("ol_og", float("nan"))), "ml_mg": float(r.get("ml_mg", float("nan")))} for r in recs]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["step", "ol_ml", "ol_og", "ml_mg"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(traj)
+    atomic_write_text(run_dir / "misalignment.csv", buf.getvalue())
+    return traj
+
+
+def attack_cached(run_dir: Path, attack_kw: dict[str, Any], step: int, device: str, seed: int) -> dict[str, Any]:
+    from mona_sfl.privacy.attack import ATTACK_JSON, attack_run
+
+    p = run_dir / ATTACK_JSON
+    if p.is_file():
+        old = json.loads(p.read_text(encoding="utf-8"))
+        same = all(old.get(k) == v for k, v in attack_kw.items()) and old.get("seed") == seed
+        if same and old.get("meta", {}).get("checkpoint_step") == step:
+            return old
+    return attack_run(run_dir, device=device, seed=seed, **attack_kw).to_dict()
+
+
+def baseline_cached(cfg: Config, out_dir: Path, attack_kw: dict[str, Any], device: str, seed: int) -> dict[str, Any]:
+    from mona_sfl.privacy.attack import ATTACK_JSON, attack_config
+
+    p = out_dir / ATTACK_JSON
+    if p.is_file():
+        old = json.loads(p.read_text(encoding="utf-8"))
+        if all(old.get(k) == v for k, v in attack_kw.items()) and old.get("seed") == seed:
+            return old
+    return attack_config(cfg, out_dir, device=device, seed=seed, **attack_kw).to_dict()
+
+
+def run_one(
+    cfg: Config, method: str, cut: int, seed: int, out: Path, attack_kw: dict[str, Any], *, baseline: bool, progress: bool
+) -> dict[str, Any]:
+    from mona_sfl.comms import comm_costs
+
+    run_dir = out / "runs" / f"{SHORT[method]}-cut{cut}-seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    summary = train_run(cfg, run_dir, progress=progress)
+    t1 = time.perf_counter()
+    attack_device = "cuda" if cfg.device == "cuda" else ("cpu" if cfg.device == "cpu" else "auto")
+    mia = attack_cached(run_dir, attack_kw, int(summary["steps"]), attack_device, seed)
+    t_attack = time.perf_counter() - t1
+    traj = misalignment(run_dir)
+    costs = comm_costs(cfg)
+    if costs.total_steps != summary["steps"] or costs.total_syncs != summary["syncs"]:
+        print(
+            f"  warning: the run took {summary['steps']} steps / {summary['syncs']} syncs, the accounting expected "
+            f"{costs.total_steps} / {costs.total_syncs} (clients lost?)",
+            file=sys.stderr,
+        )
+    measured = {k: int(summary.get(f"bytes_{k}", 0)) for k in ("up", "down", "sync")}
+    if any(measured.values()):
+        expected = {"up": costs.counted_up_total, "down": costs.counted_down_total, "sync": costs.counted_sync_total}
+        off = {k: (measured[k], expected[k]) for k in measured if measured[k] != expected[k]}
+        if off:
+            print(f"  note: measured bytes differ from the analytic counts: {off}", file=sys.stderr)
+    row: dict[str, Any] = {
+        "method": method,
+        "cut": cut,
+        "seed": seed,
+        "arch": cfg.model.arch,
+        "width": cfg.model.width,
+        "activation_shape": "x".join(str(d) for d in costs.activation_shape),
+        "client_params": costs.client_params,
+        "knn_top1": summary.get("knn_top1"),
+        "knn_top1_init": summary.get("knn_top1_init"),
+        "linear_top1": summary.get("linear_top1"),
+        "mia_mse": mia["mse"],
+        "mia_psnr": mia["psnr"],
+        "mia_ssim": mia["ssim"],
+        "mia_mse_mean_image": mia.get("mse_mean_image"),
+        "ol_ml_mean": sum(t["ol_ml"] for t in traj) / len(traj) if traj else None,
+        "ol_ml_final": traj[-1]["ol_ml"] if traj else None,
+        "bytes_per_step": costs.bytes_per_step,
+        "bytes_per_sync": costs.bytes_per_sync,
+        "bytes_per_epoch": costs.bytes_per_epoch,
+        "bytes_total": costs.bytes_total,
+        "bytes_latent_total": costs.latent_total,
+        "bytes_weights_total": costs.weights_total,
+        "measured_bytes_up": measured["up"],
+        "measured_bytes_down": measured["down"],
+        "measured_bytes_sync": measured["sync"],
+        "steps": summary["steps"],
+        "syncs": summary["syncs"],
+        "wall_s": summary.get("wall_s"),
+        "attack_s": mia.get("train_s", t_attack),
+        "run_dir": str(run_dir.relative_to(out)),
+    }
+    if baseline:
+        b = baseline_cached(cfg, out / "baseline" / f"cut{cut}-seed{seed}", attack_kw, attack_device, seed)
+        row.update({"mia_untrained_mse": b["mse"], "mia_untrained_psnr": b["psnr"], "mia_untrained_ssim": b["ssim"]})
+    row["_elapsed"] = time.perf_counter() - t0
+    return row
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _num(v: Any) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+    return x
+
+
+def _agg(rows: list[dict[str, Any]], method: str, key: str) -> tuple[list[int], list[float], list[float]]:
+    """Mean and std over seeds of ``key`` per cut, for one method (NaNs ignored)."""
+    by: dict[int, list[float]] = {}
+    for r in rows:
+        if r["method"] == method:
+            v = _num(r.get(key))
+            if not math.isnan(v):
+                by.setdefault(int(r["cut"]), []).append(v)
+    cuts = sorted(by)
+    means = [sum(by[c]) / len(by[c]) for c in cuts]
+    stds = [math.sqrt(sum((x - m) ** 2 for x in by[c]) / len(by[c])) for c, m in zip(cuts, means)]
+    return cuts, means, stds
+
+
+COLOURS = {"MonAcoSFL": "tab:blue", "MocoSFL": "tab:red"}
+MARKERS = {"MonAcoSFL": "o", "MocoSFL": "s"}
+
+
+def _lines(ax, rows, key, methods, label_suffix="", **kw) -> None:  # noqa: ANN001
+    for m in methods:
+        cuts, mean, std = _agg(rows, m, key)
+        if cuts:
+            ax.errorbar(cuts, mean, yerr=std if any(std) else None, label=f"{m}{label_suffix}", color=COLOURS[m], marker=MARKERS[m], capsize=3, **kw)
+
+
+def _save(fig, path: Path) -> None:  # noqa: ANN001
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    from mona_sfl.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pdir = out / "plots"
+    pdir.mkdir(parents=True, exist_ok=True)
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    cuts_all = sorted({int(r["cut"]) for r in rows})
+    paths = []
+
+    def finish(fig, ax_list, name: str) -> None:  # noqa: ANN001
+        for ax in ax_list:
+            ax.set_xlabel("cut layer (client units)")
+            ax.set_xticks(cuts_all)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        fig.tight_layout()
+        _save(fig, pdir / name)
+        plt.close(fig)
+        paths.append(pdir / name)
+
+    # 1. accuracy vs cut
+    fig, axs = plt.subplots(1, 2, figsize=(10, 4))
+    _lines(axs[0], rows, "knn_top1", methods)
+    _lines(axs[0], rows, "knn_top1_init", methods, " (init)", linestyle=":", alpha=0.5)
+    axs[0].set_ylabel("kNN top-1 (%)")
+    _lines(axs[1], rows, "linear_top1", methods)
+    axs[1].set_ylabel("linear probe top-1 (%)")
+    fig.suptitle("Accuracy vs cut layer")
+    finish(fig, axs, "accuracy_vs_cut.png")
+
+    # 2. attack vs cut
+    fig, axs = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, key, lab in ((axs[0], "ssim", "attack SSIM (higher = less private)"), (axs[1], "mse", "attack MSE (higher = more private)"), (axs[2], "psnr", "attack PSNR (dB)")):
+        _lines(ax, rows, f"mia_{key}", methods)
+        cuts, mean, _ = _agg([dict(r, method="MonAcoSFL") for r in rows], "MonAcoSFL", f"mia_untrained_{key}")
+        if cuts:
+            ax.plot(cuts, mean, "k--", label="untrained front")
+        if key == "mse":
+            cuts, mean, _ = _agg([dict(r, method="MonAcoSFL") for r in rows], "MonAcoSFL", "mia_mse_mean_image")
+            if cuts:
+                ax.plot(cuts, mean, color="gray", linestyle=":", label="mean-image guess")
+        ax.set_ylabel(lab)
+    fig.suptitle("Model-inversion attack on the smashed activations vs cut layer")
+    finish(fig, axs, "attack_vs_cut.png")
+
+    # 3. bytes vs cut
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    _lines(ax, rows, "bytes_total", methods, " total")
+    cuts, mean, _ = _agg(rows, methods[0], "bytes_latent_total")
+    if cuts:
+        ax.plot(cuts, mean, color="gray", linestyle="--", label="activations + gradients")
+    for m in methods:
+        cuts, mean, _ = _agg(rows, m, "bytes_weights_total")
+        if cuts:
+            ax.plot(cuts, mean, color=COLOURS[m], linestyle=":", label=f"{m} front syncs")
+    ax.set_yscale("log")
+    ax.set_ylabel("bytes per run (all clients, float32)")
+    fig.suptitle("Communication vs cut layer")
+    finish(fig, [ax], "bytes_vs_cut.png")
+
+    # 4. trade-off
+    acc_key = "linear_top1" if any(not math.isnan(_num(r.get("linear_top1"))) for r in rows) else "knn_top1"
+    fig, axs = plt.subplots(1, 2, figsize=(12, 4.5))
+    totals = [_num(r["bytes_total"]) for r in rows]
+    lo, hi = math.log10(min(totals)), math.log10(max(totals))
+    norm = plt.Normalize(vmin=min(_num(r["mia_ssim"]) for r in rows), vmax=max(_num(r["mia_ssim"]) for r in rows) + 1e-12)
+    sc = None
+    for m in methods:
+        for key in sorted({int(r["cut"]) for r in rows if r["method"] == m}):
+            rs = [r for r in rows if r["method"] == m and int(r["cut"]) == key]
+            acc = sum(_num(r.get(acc_key)) for r in rs) / len(rs)
+            ssim = sum(_num(r["mia_ssim"]) for r in rs) / len(rs)
+            tot = sum(_num(r["bytes_total"]) for r in rs) / len(rs)
+            size = 40 + 260 * ((math.log10(tot) - lo) / (hi - lo) if hi > lo else 0.5)
+            axs[0].scatter(ssim, acc, s=size, color=COLOURS[m], marker=MARKERS[m], alpha=0.7, edgecolors="k")
+            axs[0].annotate(str(key), (ssim, acc), fontsize=8, ha="center", va="center")
+            sc = axs[1].scatter(tot, acc, c=[ssim], cmap="viridis", norm=norm, s=80, marker=MARKERS[m], edgecolors=COLOURS[m], linewidths=1.5)
+            axs[1].annotate(str(key), (tot, acc), fontsize=8, xytext=(5, 5), textcoords="offset points")
+    for m in methods:
+        axs[0].scatter([], [], color=COLOURS[m], marker=MARKERS[m], label=m)
+        axs[1].scatter([], [], facecolors="none", edgecolors=COLOURS[m], marker=MARKERS[m], label=m)
+    axs[0].set_xlabel("attack SSIM (lower = more private)")
+    axs[0].set_ylabel(f"{acc_key.replace('_top1', '')} top-1 (%)")
+    axs[0].set_title("accuracy vs privacy (marker size ~ log total bytes, label = cut)", fontsize=9)
+    axs[1].set_xscale("log")
+    axs[1].set_xlabel("total bytes per run")
+    axs[1].set_ylabel(f"{acc_key.replace('_top1', '')} top-1 (%)")
+    axs[1].set_title("accuracy vs communication (colour = attack SSIM, label = cut)", fontsize=9)
+    if sc is not None:
+        fig.colorbar(sc, ax=axs[1], label="attack SSIM")
+    for ax in axs:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Accuracy - privacy - communication trade-off")
+    fig.tight_layout()
+    _save(fig, pdir / "tradeoff.png")
+    plt.close(fig)
+    paths.append(pdir / "tradeoff.png")
+
+    # 5. misalignment trajectories
+    ncols = min(3, len(cuts_all))
+    nrows = math.ceil(len(cuts_all) / ncols)
+    fig, axs = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.3 * nrows), squeeze=False)
+    for i, c in enumerate(cuts_all):
+        ax = axs[i // ncols][i % ncols]
+        for r in rows:
+            if int(r["cut"]) != c:
+                continue
+            p = out / str(r["run_dir"]) / "misalignment.csv"
+            traj = read_rows(p)
+            if not traj:
+                continue
+            steps = [int(t["step"]) for t in traj]
+            vals = [max(_num(t["ol_ml"]), 1e-30) for t in traj]
+            ax.plot(steps, vals, color=COLOURS[r["method"]], marker=".", alpha=0.8, label=f"{r['method']} seed {r['seed']}")
+        ax.set_yscale("log")
+        ax.set_title(f"cut {c}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("ol_ml = |online - momentum|^2 / numel")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    for j in range(len(cuts_all), nrows * ncols):
+        axs[j // ncols][j % ncols].axis("off")
+    fig.suptitle("Online vs momentum front misalignment at syncs (before averaging)")
+    fig.tight_layout()
+    _save(fig, pdir / "misalignment.png")
+    plt.close(fig)
+    paths.append(pdir / "misalignment.png")
+    return paths
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return _main(args)
+    except (ConfigError, CheckpointError) as e:
+        print(f"split_depth_study: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from mona_sfl.data.datasets import DataError
+
+        if isinstance(e, DataError):
+            print(f"split_depth_study: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _main(args: argparse.Namespace) -> int:
+    from mona_sfl.cli import resolve_config_path
+
+    cuts = _ints(args.cuts or (QUICK_CUTS if args.quick else "1,2,3,4,5,6,7,8,9"), "cuts")
+    seeds = _ints(args.seeds, "seeds")
+    methods = _methods(args.methods)
+    base_overrides = (QUICK_SET if args.quick else []) + list(args.overrides)
+    config_path = resolve_config_path(args.config)
+    base = load_config(config_path, base_overrides)  # validates the shared settings once
+    for c in cuts:
+        if not 1 <= c <= 9:
+            raise ConfigError(f"--cuts: cut {c} is out of range: legal cut layers are 1..9")
+    attack_kw = dict(QUICK_ATTACK if args.quick else FULL_ATTACK)
+    for opt, key in (("attack_epochs", "epochs"), ("attack_aux_fraction", "aux_fraction"), ("attack_num_test", "num_test"), ("attack_width", "decoder_width")):
+        v = getattr(args, opt)
+        if v is not None:
+            attack_kw[key] = v
+    if attack_kw["epochs"] < 1 or attack_kw["num_test"] < 1 or attack_kw["decoder_width"] < 1 or not 0 < attack_kw["aux_fraction"] <= 1:
+        raise ConfigError(f"invalid attack settings {attack_kw}: epochs, num-test, width >= 1 and aux-fraction in (0, 1]")
+
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+    out = Path(args.out)
+    shared = {k: v for k, v in to_flat(base).items() if k not in ("model.cut", "algo.align_momentum", "seed")}
+    check_study(out, {"config": shared, "attack": attack_kw})
+    csv_path = out / CSV_NAME
+    rows: list[dict[str, Any]] = read_rows(csv_path)
+    done = {row_key(r) for r in rows}
+    todo = [(m, c, s) for s in seeds for c in cuts for m in methods]
+    print(f"split-depth study: {len(todo)} runs ({', '.join(methods)}; cuts {cuts}; seeds {seeds}) into {out}", flush=True)
+    t_start = time.perf_counter()
+    for i, (m, c, s) in enumerate(todo, 1):
+        tag = f"[{i}/{len(todo)}] {m} cut {c} seed {s}"
+        if (m, c, s) in done:
+            print(f"{tag}: in the CSV, skipped", flush=True)
+            continue
+        cfg = load_config(config_path, base_overrides + [f"model.cut={c}", f"algo.align_momentum={str(METHODS[m]).lower()}", f"seed={s}"])
+        print(f"{tag}: training", flush=True)
+        row = run_one(cfg, m, c, s, out, attack_kw, baseline=args.baseline, progress=args.progress)
+        elapsed = row.pop("_elapsed")
+        rows.append(row)
+        done.add((m, c, s))
+        write_rows(csv_path, rows)
+        lin = row.get("linear_top1")
+        print(
+            f"{tag}: kNN {row['knn_top1']:.2f}%" + (f", linear {lin:.2f}%" if lin is not None else "")
+            + f", attack SSIM {row['mia_ssim']:.3f} MSE {row['mia_mse']:.4f}, {row['bytes_total'] / 2**20:.1f} MiB total, {elapsed:.1f} s",
+            flush=True,
+        )
+    if not csv_path.is_file():
+        write_rows(csv_path, rows)
+    print(f"wrote CSV: {csv_path} ({len(rows)} rows) in {time.perf_counter() - t_start:.1f} s")
+    if not args.no_plots:
+        sel = [r for r in rows if row_key(r)[0] in methods]
+        if sel:
+            for p in plot_all(out, sel):
+                print(f"wrote plot: {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The split-depth study: --quick writes the CSV and the plots, and a re-run skips finished rows."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = [
+    "method", "cut", "seed", "knn_top1", "linear_top1", "mia_mse", "mia_psnr", "mia_ssim",
+    "bytes_per_step", "bytes_per_sync", "bytes_total", "client_params", "wall_s", "ol_ml_mean",
+]
+PLOTS = ["accuracy_vs_cut.png", "attack_vs_cut.png", "bytes_vs_cut.png", "tradeoff.png", "misalignment.png"]
+# --quick with even fewer steps, images and attack epochs
+ARGS = [
+    "--quick", "--cuts", "1,8", "--seeds", "0",
+    "--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set", "data.synthetic_size=200",
+    "--set", "eval.linear_epochs=2",
+    "--attack-epochs", "1", "--attack-num-test", "8", "--attack-width", "8",
+]
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("split_depth_study", ROOT / "simulations" / "split_depth_study.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    yield mod
+    torch.set_num_threads(threads)  # --quick sets one thread
+
+
+def rows_of(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as f:
+        r = csv.DictReader(f)
+        return list(r.fieldnames or []), list(r)
+
+
+def test_quick_study_then_resume(study, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mona_sfl.comms import comm_costs
+    from mona_sfl.config import load_config
+
+    out = tmp_path / "study"
+    assert study.main(ARGS + ["--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    csv_path = out / "split_depth.csv"
+    assert f"wrote CSV: {csv_path}" in text
+    cols, rows = rows_of(csv_path)
+    assert set(REQUIRED) <= set(cols)
+    assert sorted((r["method"], int(r["cut"]), int(r["seed"])) for r in rows) == [
+        ("MocoSFL", 1, 0), ("MocoSFL", 8, 0), ("MonAcoSFL", 1, 0), ("MonAcoSFL", 8, 0)
+    ]
+    for r in rows:
+        for k in ("knn_top1", "linear_top1", "mia_mse", "mia_psnr", "mia_ssim", "wall_s", "ol_ml_mean"):
+            assert math.isfinite(float(r[k])), (k, r[k])
+        assert 0 < float(r["mia_mse"]) < 1 and -1 <= float(r["mia_ssim"]) <= 1
+        cfg = load_config((out / r["run_dir"] / "config.toml"))
+        c = comm_costs(cfg)
+        assert int(r["bytes_total"]) == c.bytes_total and int(r["bytes_per_step"]) == c.bytes_per_step
+        assert int(r["syncs"]) == c.total_syncs and int(r["steps"]) == c.total_steps == 2
+        assert (out / r["run_dir"] / "attack.json").is_file() and (out / r["run_dir"] / "misalignment.csv").is_file()
+    by = {(r["method"], r["cut"]): r for r in rows}
+    assert int(by["MonAcoSFL", "8"]["bytes_per_sync"]) > int(by["MocoSFL", "8"]["bytes_per_sync"])
+    assert by["MonAcoSFL", "8"]["bytes_per_step"] == by["MocoSFL", "8"]["bytes_per_step"]
+
+    import matplotlib.image as mpimg
+
+    for name in PLOTS:
+        p = out / "plots" / name
+        assert p.is_file() and p.stat().st_size > 0 and f"wrote plot: {p}" in text
+        img = mpimg.imread(p)
+        assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+
+    # re-run: every row is skipped, nothing retrained, the CSV is unchanged
+    before = csv_path.read_text()
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")}
+    assert study.main(ARGS + ["--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("in the CSV, skipped") == 4 and "training" not in text
+    assert csv_path.read_text() == before
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/summary.json")} == mtimes
+
+    # a row missing from the CSV whose run has a checkpoint but no summary: resumed, not retrained
+    run = out / "runs" / "moco-cut8-seed0"
+    (run / "summary.json").unlink()
+    study.write_rows(csv_path, [r for r in rows if not (r["method"] == "MocoSFL" and r["cut"] == "8")])
+    assert study.main(ARGS + ["--out", str(out), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("skipped") == 3 and f"resuming {run}" in text and (run / "summary.json").is_file()
+    _, rows2 = rows_of(csv_path)
+    assert len(rows2) == 4
+
+    # other settings into the same folder are refused
+    assert study.main(ARGS + ["--out", str(out), "--attack-epochs", "3"]) == 2
+    assert "different settings" in capsys.readouterr().err
