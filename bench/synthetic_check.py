@@ -4,13 +4,19 @@ Run: ``python bench/synthetic_check.py [--train 10000] [--seconds 60] [--grid /t
 
 Prints:
   - generation time for the train split;
-  - (a) kNN (k=20, cosine, majority vote) on raw normalised pixels -> expect near chance;
+  - (a) kNN (k=20, cosine, majority vote) on raw normalised pixels -> expect low;
   - (b) a tiny CNN trained supervised for ~``--seconds`` -> expect high test accuracy
     (the classes are learnable from shape);
   - (c) kNN on global-pooled features of randomly initialised conv nets -> expect low
     (colour/position dominate untrained features), so SSL has something to add;
   - MoCo v2 augmentation throughput (TwoViews.augment, one view per image);
 and writes a PNG grid with one row per class. On a busy machine, pass --threads 1.
+
+Measured with ``--threads 1 --seconds 120`` on the shared 2-core dev box (load average ~7,
+so wall times are inflated), 10 classes, 10,000 train / 2,000 test, chance 10%:
+(a) raw pixels 24.6%; (c) random-init torchvision resnet18 30.1%, CIFAR ResNet width 16
+21.9%, small convnet 21.5% (means of 3 inits); (b) supervised small convnet 62.9% after
+1 epoch, 82.6% after 2 epochs (152 s wall, 75 s CPU).
 """
 
 from __future__ import annotations

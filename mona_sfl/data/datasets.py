@@ -14,13 +14,16 @@ Sources (``DATASETS``):
 - ``cifar10``, ``cifar100``, ``svhn``, ``stl10``: ``torchvision.datasets`` with
   ``root=root`` and ``download=download``. STL-10 uses its labelled ``train`` (5,000) and
   ``test`` (8,000) splits; SVHN needs ``scipy``. Images whose native size differs from
-  ``image_size`` are resized (STL-10 is 96 px natively: pass ``image_size=96`` to keep it).
+  ``image_size`` are resized with antialiasing: STL-10 is 96 px natively, so the default
+  ``image_size=32`` downscales it; pass ``image_size=96`` to keep it. Mean/std are the
+  fixed constants in ``STATS`` (the reference's for CIFAR).
 - ``imagefolder``: ``root`` is either the split folder itself (``root/<class>/*.jpg``) or a
   folder holding ``train/`` and ``test/`` split folders (``root/<split>/<class>/*.jpg``);
   the second form is used whenever ``root/train`` or ``root/test`` exists. Labels follow
   the sorted class-folder names (as ``torchvision.datasets.ImageFolder``). Images that are
-  not ``image_size`` square are resized (shorter side) and centre-cropped. Mean/std are
-  computed from the loaded images.
+  not ``image_size`` square are resized (shorter side, antialiased) and centre-cropped;
+  grayscale/RGBA files become RGB. Mean/std are computed from the loaded split itself (so
+  a test split gets its own; normalise both splits with the train split's values).
 """
 
 from __future__ import annotations
@@ -133,7 +136,7 @@ def load_dataset(
     ``root``/``download`` only for the file-backed sources. See the module docstring.
     """
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; set data.dataset to one of {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; set data.name to one of {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if not isinstance(image_size, (int, np.integer)) or image_size < 1:
@@ -152,7 +155,7 @@ def load_dataset(
         return make_synthetic(n, seed=split_seed, num_classes=num_classes, image_size=int(image_size))
 
     if root is None or str(root) == "":
-        raise DataError(f"dataset {name!r} reads files: set data.root to its directory")
+        raise DataError(f"dataset {name!r} reads files: set data.dir to its directory")
     if name == "imagefolder":
         return _load_imagefolder(Path(root), split, int(image_size))
     return _load_torchvision(name, Path(root), split, bool(download), int(image_size))
@@ -169,7 +172,7 @@ def _load_torchvision(name: str, root: Path, split: str, download: bool, image_s
     if not download and (not root.is_dir() or not any(root.iterdir())):
         raise DataError(
             f"{name}: data directory {str(root)!r} is missing or empty; set data.download=true to fetch "
-            f"{name} into it, or point data.root at a directory that already holds the torchvision files"
+            f"{name} into it, or point data.dir at a directory that already holds the torchvision files"
         )
     try:
         if name in ("cifar10", "cifar100"):
@@ -193,7 +196,7 @@ def _load_torchvision(name: str, root: Path, split: str, download: bool, image_s
         fix = (
             "the download failed: check the network, or put the torchvision files there by hand"
             if download
-            else "set data.download=true to fetch it, or point data.root at the directory holding the torchvision files"
+            else "set data.download=true to fetch it, or point data.dir at the directory holding the torchvision files"
         )
         raise DataError(f"{name}: could not read the {split} split from {str(root)!r} ({exc}); {fix}") from exc
     images = _resize_square(arr.contiguous(), image_size)
@@ -209,7 +212,7 @@ def _split_dir(root: Path, split: str) -> Path:
     """Resolve ``root`` (split folder, or parent of ``train/``/``test/``) to the split folder."""
     if not root.is_dir():
         raise DataError(
-            f"imagefolder: data.root {str(root)!r} is not a directory; point it at a folder of class "
+            f"imagefolder: data.dir {str(root)!r} is not a directory; point it at a folder of class "
             f"subfolders (root/<class>/<image>) or at a folder with train/ and test/ split folders"
         )
     if (root / "train").is_dir() or (root / "test").is_dir():

@@ -75,7 +75,7 @@ _STRIPE_JITTER = math.radians(12.0)  # orientation jitter of the stripe classes
 # by any random conv net (orientation energy over the whole image): random-ResNet kNN
 # went from ~42% with full-image textures to ~20% with patches (bench/synthetic_check.py).
 _PATCH = 1.6
-_CHUNK = 1024  # images composited at a time (the noise stream does not depend on it)
+_CHUNK = 4096  # images composited at a time (the noise stream does not depend on it)
 _TEXTURES = ("horizontal_stripes", "vertical_stripes", "diagonal_stripes", "checkerboard", "dot_grid")
 
 
