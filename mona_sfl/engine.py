@@ -276,7 +276,7 @@ class Trainer:
                     self.runtime.end_epoch()
                     self.epoch += 1
                 every = cfg.eval.every
-                if not done and every and self.epoch % every == 0:
+                if not done and every and self.epoch % every == 0 and self.epoch < cfg.train.epochs:  # the last is _finish's
                     self._evaluate()
                 if not done:
                     self.save()

@@ -39,9 +39,13 @@ def small() -> ImageData:
 # synthetic
 
 
-def test_synthetic_deterministic_and_seeded() -> None:
+def test_synthetic_deterministic_and_seeded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mona_sfl.data.synthetic as syn
+
     a, b, c = make_synthetic(200, seed=3), make_synthetic(200, seed=3), make_synthetic(200, seed=4)
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    monkeypatch.setattr(syn, "_CHUNK", 7)  # compositing chunk size must not change the output
+    assert torch.equal(make_synthetic(200, seed=3).images, a.images)
     assert not torch.equal(a.images, c.images)
     assert not torch.equal(a.labels, c.labels)
 
@@ -119,11 +123,11 @@ def test_imagedata_subset_and_validation(small: ImageData) -> None:
 
 def test_load_dataset_argument_errors(tmp_path: Path) -> None:
     assert DATASETS == ("synthetic", "cifar10", "cifar100", "svhn", "stl10", "imagefolder")
-    with pytest.raises(DataError, match="data.dataset"):
+    with pytest.raises(DataError, match="data.name"):
         load_dataset("mnist", "train")
     with pytest.raises(DataError, match="split"):
         load_dataset("synthetic", "val")
-    with pytest.raises(DataError, match="data.root"):
+    with pytest.raises(DataError, match="data.dir"):
         load_dataset("cifar10", "train")
     with pytest.raises(DataError, match="data.image_size"):
         load_dataset("synthetic", "train", image_size=0)
@@ -222,7 +226,8 @@ def test_torchvision_stl10_from_local_files(tmp_path: Path, monkeypatch: pytest.
 
 
 @pytest.mark.skipif(
-    not os.environ.get("MONA_SFL_CIFAR10_DIR"), reason="set MONA_SFL_CIFAR10_DIR to a CIFAR-10 ImageFolder (train/, test/)"
+    not os.environ.get("MONA_SFL_CIFAR10_DIR"),
+    reason="set MONA_SFL_CIFAR10_DIR to a CIFAR-10 ImageFolder (train/, test/)",
 )
 def test_real_cifar10_imagefolder_test_split() -> None:
     d = load_dataset("imagefolder", "test", root=os.environ["MONA_SFL_CIFAR10_DIR"])
