@@ -107,7 +107,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--set train.max_steps={val}: value must be of type int") from None
         trainer = Trainer.resume(args.resume, progress=not args.quiet, max_steps=max_steps)
         print(f"resuming {args.resume} at step {trainer.global_step} (epoch {trainer.epoch})", file=sys.stderr)
-        summary = trainer.run(resumed=True)
+        try:
+            summary = trainer.run(resumed=True)
+        finally:
+            trainer.runtime.close()  # Ray: stop the actors and the private Ray instance
         run_dir = Path(args.resume)
     else:
         cfg = load_config(resolve_config_path(args.config), args.overrides)
@@ -120,7 +123,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{trainer.total_steps} steps, runtime {cfg.runtime}, device {trainer.device}, data {cfg.data.name}",
             file=sys.stderr,
         )
-        summary = trainer.run()
+        try:
+            summary = trainer.run()
+        finally:
+            trainer.runtime.close()  # Ray: stop the actors and the private Ray instance
     chance = 100.0 / trainer.num_classes
     init = summary.get("knn_top1_init")
     init_txt = f"at initialisation {init:.2f}%, " if init is not None else ""
@@ -153,4 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mona-sfl: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from mona_sfl.engine import AllClientsLost
+
+        if not isinstance(e, AllClientsLost):
+            raise
+        print(f"mona-sfl: error: {e}; continue with: mona-sfl train --resume RUN_DIR", file=sys.stderr)
+        return 1
     return EXIT_USAGE

@@ -65,7 +65,7 @@ class ClientRuntime(ABC):
 RUNTIMES: dict[str, tuple[str, str, str]] = {
     # name: (module, class, pip hint)
     "local": ("mona_sfl.runtime.local", "LocalRuntime", ""),
-    "ray": ("mona_sfl.runtime.ray_runtime", "RayRuntime", "pip install 'ray>=2.40'"),
+    "ray": ("mona_sfl.runtime.ray_runtime", "RayRuntime", "pip install 'ray==2.55.1'"),
     "flower": ("mona_sfl.runtime.flower", "FlowerRuntime", "pip install 'flwr[simulation]>=1.42,<1.43'"),
 }
 
