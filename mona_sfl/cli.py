@@ -57,6 +57,14 @@ def check_new_run_dir(out: Path) -> None:
         raise ConfigError(f"--out {out} already holds a run: continue it with `mona-sfl train --resume {out}` or choose another --out")
 
 
+def _run_runtime(run_dir: Path) -> str:
+    """The runtime recorded in a run folder's config ('local' when unreadable: Trainer.resume then says why)."""
+    try:
+        return load_config(run_dir / CONFIG).runtime
+    except ConfigError:
+        return "local"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mona-sfl", description="Split federated self-supervised learning (MonAcoSFL / MocoSFL).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (default: runs/<time>-<arch>-cut<N>-<method>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress output")
+
+    sub.add_parser(
+        "deploy-local",
+        add_help=False,
+        help="train through a local Flower SuperLink + N SuperNodes (separate processes); see `deploy-local --help`",
+    )
 
     a = sub.add_parser("attack", help="model-inversion attack on a run's client front (or on an untrained front)")
     a.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run folder: attacks its synced client front; writes attack.json and attack.png into it")
@@ -105,29 +119,45 @@ def cmd_train(args: argparse.Namespace) -> int:
                 max_steps = int(val)
             except ValueError:
                 raise ConfigError(f"--set train.max_steps={val}: value must be of type int") from None
-        trainer = Trainer.resume(args.resume, progress=not args.quiet, max_steps=max_steps)
-        print(f"resuming {args.resume} at step {trainer.global_step} (epoch {trainer.epoch})", file=sys.stderr)
-        try:
-            summary = trainer.run(resumed=True)
-        finally:
-            trainer.runtime.close()  # Ray: stop the actors and the private Ray instance
         run_dir = Path(args.resume)
+        if _run_runtime(run_dir) == "flower":
+            from mona_sfl.runtime.flower.launch import resume_with_flower
+
+            print(f"resuming {args.resume} on Flower's simulation engine", file=sys.stderr)
+            summary = resume_with_flower(run_dir, progress=not args.quiet, max_steps=max_steps)
+            num_classes = int(summary["num_classes"])
+        else:
+            trainer = Trainer.resume(args.resume, progress=not args.quiet, max_steps=max_steps)
+            print(f"resuming {args.resume} at step {trainer.global_step} (epoch {trainer.epoch})", file=sys.stderr)
+            try:
+                summary = trainer.run(resumed=True)
+            finally:
+                trainer.runtime.close()  # Ray: stop the actors and the private Ray instance
+            num_classes = trainer.num_classes
     else:
         cfg = load_config(resolve_config_path(args.config), args.overrides)
         run_dir = Path(args.out) if args.out else default_run_dir(cfg)
         check_new_run_dir(run_dir)
-        trainer = Trainer(cfg, run_dir, progress=not args.quiet)
-        print(
+        what = (
             f"training {cfg.model.arch} width {cfg.model.width} cut {cfg.model.cut} "
             f"({'MonAcoSFL' if cfg.algo.align_momentum else 'MocoSFL'}), {cfg.fed.num_clients} clients, "
-            f"{trainer.total_steps} steps, runtime {cfg.runtime}, device {trainer.device}, data {cfg.data.name}",
-            file=sys.stderr,
         )
-        try:
-            summary = trainer.run()
-        finally:
-            trainer.runtime.close()  # Ray: stop the actors and the private Ray instance
-    chance = 100.0 / trainer.num_classes
+        if cfg.runtime == "flower":
+            from mona_sfl.runtime.flower.launch import train_with_flower
+
+            nodes = cfg.flower.num_supernodes or cfg.fed.num_clients
+            print(f"{what}runtime flower (simulation engine, {nodes} SuperNodes), data {cfg.data.name}", file=sys.stderr)
+            summary = train_with_flower(cfg, run_dir, progress=not args.quiet)
+            num_classes = int(summary["num_classes"])
+        else:
+            trainer = Trainer(cfg, run_dir, progress=not args.quiet)
+            print(f"{what}{trainer.total_steps} steps, runtime {cfg.runtime}, device {trainer.device}, data {cfg.data.name}", file=sys.stderr)
+            try:
+                summary = trainer.run()
+            finally:
+                trainer.runtime.close()  # Ray: stop the actors and the private Ray instance
+            num_classes = trainer.num_classes
+    chance = 100.0 / num_classes
     init = summary.get("knn_top1_init")
     init_txt = f"at initialisation {init:.2f}%, " if init is not None else ""
     print(f"kNN top-1 accuracy: {summary['knn_top1']:.2f}% ({init_txt}chance {chance:.2f}%)")
@@ -139,6 +169,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["deploy-local"]:  # its own parser (argparse cannot hand "--help" etc. to a sub-tool)
+        from mona_sfl.runtime.flower.deploy import main as deploy_main
+
+        return deploy_main(argv[1:])
     args = _parser().parse_args(argv)
     from mona_sfl.data.datasets import DataError
 

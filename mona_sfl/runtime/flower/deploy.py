@@ -1,0 +1,368 @@
+"""Deployed Flower on one machine: a SuperLink and N SuperNodes as separate processes.
+
+``python -m mona_sfl.runtime.flower.deploy N [--config FILE] [--out DIR] [--set KEY=VALUE ...]``
+(``simulations/deploy_local.sh`` wraps it):
+
+1. picks free ports on 127.0.0.1 and an isolated ``FLWR_HOME`` (a temp folder);
+2. starts ``flower-superlink --insecure`` and N ``flower-supernode --insecure`` processes
+   (``--node-config 'partition-id=i num-partitions=N'``), each in its own session;
+3. writes a minimal Flower app (``pyproject.toml`` naming ``mona_sfl.runtime.flower.{server,client}_app:app``
+   with the whole run config, ``out`` = the run folder) and a ``[superlink.deploy]`` connection;
+4. ``flwr run <app> deploy --stream`` and waits for the run to finish;
+5. stops every process it started, on success, failure or signal: each process is tagged
+   with ``MONA_SFL_DEPLOY_TAG=<uuid>`` in its environment (inherited by the ``flower-superexec``,
+   ``flwr-serverapp`` and ``flwr-clientapp`` processes Flower spawns, some of them in new
+   sessions), and the tagged processes are terminated by PID.
+
+Insecure mode is for one trusted machine only (``--tls DIR`` / ``--tls auto`` switches to TLS);
+see ``tls_help()`` for real deployments.
+Exit codes: 0 success, 2 bad input, 1 the run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from mona_sfl.config import Config, ConfigError, load_config
+from mona_sfl.runtime.flower.run_config import app_config_toml
+
+TAG = "MONA_SFL_DEPLOY_TAG"
+CONNECTION = "deploy"
+
+
+def tls_help() -> str:
+    return """\
+TLS for a real deployment (drop --insecure everywhere):
+  flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key --host 0.0.0.0 --port 8000 \\
+      --disable-runtime-dependency-installation
+  flower-supernode --root-certificates ca.crt --superlink SUPERLINK_HOST:8000 \\
+      --node-config 'partition-id=I num-partitions=N'
+  $FLWR_HOME/config.toml:  [superlink.prod]  address = "SUPERLINK_HOST:8000"  root-certificates = "ca.crt"
+  SuperNode authentication (requires TLS): flower-superlink --enable-supernode-auth, and
+  flower-supernode --auth-supernode-private-key key (register the public key with `flwr supernode`)."""
+
+
+def make_test_certs(out: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> Path:
+    """A throw-away CA and a server certificate for ``hosts`` (openssl), for trying TLS locally.
+
+    Writes ca.crt, server.pem, server.key into ``out``. Real deployments use certificates
+    from their own CA (the SuperLink's hostname/IP must be in the server certificate's SANs).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    san = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() else f"DNS:{h}" for h in hosts)
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=out, check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=mona-sfl-test-ca", "-keyout", "ca.key", "-out", "ca.crt")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=superlink", "-keyout", "server.key", "-out", "server.csr")
+    (out / "san.ext").write_text(f"subjectAltName={san}\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-out", "server.pem", "-extfile", "san.ext")
+    return out
+
+
+# ----------------------------------------------------------------------------- processes
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args[0]} exited with code {proc.returncode} before listening on port {port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:g} s")
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """PIDs of this user's processes whose environment holds ``MONA_SFL_DEPLOY_TAG=tag``."""
+    needle = f"{TAG}={tag}".encode()
+    me = os.getpid()
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == me:
+            continue
+        try:
+            env = (d / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in env.split(b"\0"):
+            out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def stop_tagged(tag: str, procs: list[subprocess.Popen[bytes]], grace_s: float = 10.0) -> list[int]:
+    """SIGTERM every tagged process (and our direct children), SIGKILL what is left; returns survivors."""
+    pids = set(tagged_pids(tag)) | {p.pid for p in procs if p.poll() is None}
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        for p in procs:
+            p.poll()  # reap our direct children
+        pids = {pid for pid in pids | set(tagged_pids(tag)) if _alive(pid)}
+        if not pids:
+            break
+        time.sleep(0.2)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.2)
+    for p in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    return [pid for pid in tagged_pids(tag) if _alive(pid)]
+
+
+# ----------------------------------------------------------------------------- the app
+def write_app(app_dir: Path, cfg: Config, run_dir: Path) -> None:
+    """A minimal Flower app: its code is the installed mona_sfl package, so the FAB holds only pyproject.toml."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(
+        "[build-system]\n"
+        'requires = ["hatchling"]\n'
+        'build-backend = "hatchling.build"\n\n'
+        "[project]\n"
+        'name = "mona-sfl-deploy"\n'
+        'version = "0.1.0"\n'
+        "dependencies = []\n\n"
+        "[tool.flwr.app]\n"
+        'publisher = "mona-sfl"\n\n'
+        "[tool.flwr.app.components]\n"
+        'serverapp = "mona_sfl.runtime.flower.server_app:app"\n'
+        'clientapp = "mona_sfl.runtime.flower.client_app:app"\n\n'
+        "[tool.flwr.app.config]\n" + app_config_toml(cfg, out=str(run_dir.resolve()), progress=True),
+        encoding="utf-8",
+    )
+
+
+def write_connection(flwr_home: Path, port: int, ca: Path | None = None) -> None:
+    """``$FLWR_HOME/config.toml`` with the ``[superlink.deploy]`` connection (insecure, or TLS with ``ca``)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{ca.resolve()}"' if ca is not None else "insecure = true"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n{security}\n',
+        encoding="utf-8",
+    )
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def deploy(
+    cfg: Config,
+    num_nodes: int,
+    run_dir: Path,
+    *,
+    work_dir: Path | None = None,
+    timeout_s: float = 1800.0,
+    keep: bool = False,
+    probe_mb: float = 0.0,
+    train: bool = True,
+    extra_env: dict[str, str] | None = None,
+    tls_dir: Path | None = None,
+    log: Any = sys.stderr,
+) -> dict[str, Any]:
+    """Run ``cfg`` through a local SuperLink and ``num_nodes`` SuperNodes.
+
+    With ``probe_mb > 0`` the run first round-trips that many MB through every node (the
+    large-message check, ``result["probe"]``, also in ``<run_dir>/flower_probe.json``); then, if
+    ``train``, it trains (``result["summary"]``). Raises RuntimeError when a run fails; every started process is
+    stopped in any case. ``result["survivors"]`` lists tagged PIDs still alive after cleanup
+    (should be empty). ``tls_dir`` (ca.crt, server.pem, server.key) switches from
+    ``--insecure`` to TLS between the CLI, the SuperLink and the SuperNodes.
+    """
+    run_dir = Path(run_dir).resolve()
+    tag = uuid.uuid4().hex
+    own_tmp = work_dir is None
+    work = Path(tempfile.mkdtemp(prefix="mona-flwr-")) if work_dir is None else Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    flwr_home, app_dir, logs = work / "flwr_home", work / "app", work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        TAG: tag,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # SuperExec looks for new ServerApp/ClientApp tasks every second by default
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"),
+        "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
+        # Flower spawns flower-superexec, flwr-serverapp and flwr-clientapp by name
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    procs: list[subprocess.Popen[bytes]] = []
+    files: list[Any] = []
+
+    def start(name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        f = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - closed in finally
+        files.append(f)
+        p = subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=work)
+        procs.append(p)
+        result["started"].append((name, p.pid))
+        print(f"deploy: started {name} (pid {p.pid}): {' '.join(args)}", file=log, flush=True)
+        return p
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for s in previous:
+        signal.signal(s, on_signal)
+    result: dict[str, Any] = {"work_dir": str(work), "logs": str(logs), "tag": tag, "started": []}
+    try:
+        if tls_dir is not None:
+            tls = Path(tls_dir).resolve()
+            link_sec = ["--ssl-ca-certfile", str(tls / "ca.crt"), "--ssl-certfile", str(tls / "server.pem"), "--ssl-keyfile", str(tls / "server.key")]
+            node_sec = ["--root-certificates", str(tls / "ca.crt")]
+        else:
+            link_sec, node_sec = ["--insecure"], ["--insecure"]
+        write_connection(flwr_home, port := free_port(), None if tls_dir is None else Path(tls_dir) / "ca.crt")
+        write_app(app_dir, cfg, run_dir)
+        link = start(
+            "superlink",
+            [_bin("flower-superlink"), *link_sec, "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
+        )
+        wait_port(port, 120, link)
+        for i in range(num_nodes):
+            start(
+                f"supernode-{i}",
+                [
+                    _bin("flower-supernode"), *node_sec, "--superlink", f"127.0.0.1:{port}",
+                    "--node-config", f"partition-id={i} num-partitions={num_nodes}",
+                    # the SuperNode's own Runtime API (for its flwr-clientapp processes) stays on loopback
+                    "--host", "127.0.0.1", "--port", str(free_port()),
+                ],
+            )
+
+        def flwr_run(name: str, expect: Path, run_config: str | None = None) -> dict[str, Any]:
+            args = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+            if run_config:
+                args += ["--run-config", run_config]
+            t0 = time.perf_counter()
+            run = subprocess.run(args, env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
+            out = run.stdout.decode(errors="replace")
+            (logs / f"flwr-run-{name}.log").write_text(out)
+            result[f"{name}_s"] = time.perf_counter() - t0
+            if run.returncode != 0 or not expect.is_file():
+                tail = "\n".join(out.splitlines()[-40:])
+                raise RuntimeError(f"flwr run ({name}) failed (exit {run.returncode}, {expect.name} {'found' if expect.is_file() else 'missing'}); logs in {logs}\n{tail}")
+            return json.loads(expect.read_text())
+
+        if probe_mb > 0 or train:
+            out_dir = run_dir if train else work / "probe"
+            expect = out_dir / ("summary.json" if train else "flower_probe.json")
+            rc = f'out="{out_dir}"' + (f" probe_mb={float(probe_mb)}" if probe_mb > 0 else "") + ("" if train else " probe_only=true")
+            done = flwr_run("train" if train else "probe", expect, rc)
+            if train:
+                result["summary"] = done
+            if probe_mb > 0:
+                result["probe"] = json.loads((out_dir / "flower_probe.json").read_text())
+                print(f"deploy: probe {probe_mb:g} MB to each of {num_nodes} nodes and back in {result['probe']['seconds']:.1f} s, intact", file=log, flush=True)
+        result["ok"] = True
+        return result
+    finally:
+        survivors = stop_tagged(tag, procs)
+        for f in files:
+            f.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
+        result["survivors"] = survivors
+        if survivors:
+            print(f"deploy: WARNING processes still alive after cleanup: {survivors}", file=log, flush=True)
+        else:
+            print(f"deploy: stopped all {len(procs)} started processes and their children", file=log, flush=True)
+        if own_tmp and not keep and result.get("ok"):
+            shutil.rmtree(work, ignore_errors=True)
+        elif not result.get("ok"):
+            print(f"deploy: logs kept in {logs}", file=log, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="deploy_local", description="Train through a local SuperLink + N SuperNodes (separate processes, insecure, 127.0.0.1).", epilog=tls_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("nodes", type=int, help="number of SuperNodes (client c lives on node c %% N)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.max_steps=4")
+    p.add_argument("--config", help="TOML/YAML config file or bundled config name (default: the bundled 'default')")
+    p.add_argument("--set", dest="more", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="run folder (default: runs/<time>-<arch>-cut<N>-<method>-deployed)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")
+    p.add_argument("--keep", action="store_true", help="keep the work folder (FLWR_HOME, app, logs)")
+    p.add_argument("--probe", type=float, default=0.0, metavar="MB", help="first round-trip MB megabytes through every node (large-message check)")
+    p.add_argument("--tls", metavar="DIR", help="TLS instead of --insecure: DIR holds ca.crt, server.pem, server.key ('auto': make throw-away ones with openssl)")
+    args = p.parse_intermixed_args(argv)
+    try:
+        from mona_sfl.cli import resolve_config_path
+
+        if args.nodes < 1:
+            raise ConfigError("the number of SuperNodes must be >= 1")
+        cfg = load_config(resolve_config_path(args.config), [*args.overrides, *args.more, "runtime=flower", f"flower.num_supernodes={args.nodes}"])
+        if args.out:
+            run_dir = Path(args.out)
+        else:
+            method = "mona" if cfg.algo.align_momentum else "moco"
+            run_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.arch}-cut{cfg.model.cut}-{method}-deployed"
+        if run_dir.exists() and any((run_dir / n).exists() for n in ("config.toml", "checkpoint.pt", "metrics.jsonl")):
+            raise ConfigError(f"--out {run_dir} already holds a run: choose another --out")
+    except ConfigError as e:
+        print(f"deploy_local: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        tls = None
+        if args.tls == "auto":
+            tls = make_test_certs(Path(tempfile.mkdtemp(prefix="mona-flwr-certs-")))
+        elif args.tls:
+            tls = Path(args.tls)
+            missing = [n for n in ("ca.crt", "server.pem", "server.key") if not (tls / n).is_file()]
+            if missing:
+                print(f"deploy_local: error: --tls {tls} lacks {', '.join(missing)}", file=sys.stderr)
+                return 2
+        res = deploy(cfg, args.nodes, run_dir, timeout_s=args.timeout, keep=args.keep, probe_mb=args.probe, tls_dir=tls)
+    except (RuntimeError, subprocess.TimeoutExpired, KeyboardInterrupt) as e:
+        print(f"deploy_local: error: {e}", file=sys.stderr)
+        return 1
+    s = res["summary"]
+    print(f"kNN top-1 accuracy: {s['knn_top1']:.2f}%")
+    print(f"steps {s['steps']}, {s['wall_s']:.1f} s training, flwr run {res['train_s']:.1f} s; run folder: {run_dir}")
+    return 0 if not res["survivors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

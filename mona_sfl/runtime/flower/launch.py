@@ -1,0 +1,121 @@
+"""Start a Flower run from Python: the simulation engine behind ``mona-sfl train --set runtime=flower``.
+
+:func:`train_with_flower` runs the ServerApp (the ordinary Trainer with a FlowerRuntime) in
+this process and ``flower.num_supernodes`` virtual SuperNodes on Flower's Ray backend
+(``flwr.simulation.run_simulation``), and returns the run's summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from mona_sfl.config import Config, replace
+
+
+
+class _DropDeprecation(logging.Filter):
+    """run_simulation is deprecated in favour of `flwr run`; we use it on purpose (in-process, no SuperLink)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation` function is deprecated" not in str(record.getMessage())
+
+
+def simulation_backend_config(cfg: Config, *, cpus_per_client: int = 1) -> dict[str, Any]:
+    """Ray backend settings: one CPU per ClientApp (so 2 run at once on 2 cores), GPU share when CUDA is used."""
+    import torch
+
+    num_gpus = 0.0
+    if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        cpus = os.cpu_count() or 1
+        num_gpus = 1.0 / max(1, min(cfg.flower.num_supernodes or cfg.fed.num_clients, cpus // cpus_per_client))
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
+    if not os.environ.get("RAY_ADDRESS"):
+        # ray.init() without an address joins the newest cluster started on this machine
+        # (/tmp/ray/ray_current_cluster), e.g. another user's `ray start`: start our own instead.
+        # Set RAY_ADDRESS to run the simulation on an existing (multi-node) Ray cluster.
+        init_args["address"] = "local"
+    return {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": num_gpus}, "init_args": init_args}
+
+
+def train_with_flower(
+    cfg: Config,
+    run_dir: str | Path,
+    progress: bool = True,
+    *,
+    backend_config: dict[str, Any] | None = None,
+    resume: bool = False,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` on Flower's simulation engine (Ray backend) and return the summary dict.
+
+    The run folder is the usual one (config.toml, metrics.jsonl, checkpoint.pt,
+    summary.json, plus flower_transport.json). ``cfg.runtime`` is recorded as 'flower'.
+    ``resume=True`` continues the run in ``run_dir`` (``cfg`` must be its config, see
+    :func:`resume_with_flower`).
+    """
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    from flwr.simulation import run_simulation
+
+    from mona_sfl.runtime.flower.client_app import make_client_app
+    from mona_sfl.runtime.flower.run_config import config_to_run_config
+    from mona_sfl.runtime.flower.server_app import make_server_app
+
+    if cfg.runtime != "flower":
+        cfg = replace(cfg, runtime="flower")
+    num_nodes = cfg.flower.num_supernodes or cfg.fed.num_clients
+    result: dict[str, Any] = {}
+    server_app = make_server_app(cfg, run_dir, progress=progress, result=result, resume=resume, max_steps=max_steps)
+    client_app = make_client_app(config_to_run_config(cfg))
+    flwr_log = logging.getLogger("flwr")
+    propagate = flwr_log.propagate
+    flwr_log.propagate = False  # Flower prints through its own handler; do not repeat its DEBUG records via root
+    quiet = _DropDeprecation()
+    flwr_log.addFilter(quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_nodes,
+                backend_name="ray",
+                # flower.cpus_per_client, once the config has it (requested); 1 CPU per ClientApp until then
+                backend_config=backend_config or simulation_backend_config(cfg, cpus_per_client=int(getattr(cfg.flower, "cpus_per_client", 1))),
+            )
+        except BaseException:
+            if "error" in result:  # the ServerApp's own exception (ConfigError, DataError, ...) beats Flower's wrapper
+                raise result["error"] from None
+            raise
+        finally:
+            flwr_log.propagate = propagate
+            flwr_log.removeFilter(quiet)
+    if "error" in result:
+        raise result["error"]
+    if "summary" not in result:
+        raise RuntimeError("the Flower simulation ended without a result from the ServerApp (see the log above)")
+    return result["summary"]
+
+
+def resume_with_flower(run_dir: str | Path, progress: bool = True, max_steps: int | None = None) -> dict[str, Any]:
+    """``mona-sfl train --resume RUN`` for a run whose config says runtime='flower'.
+
+    The checks are :meth:`Trainer.resume`'s (config, checkpoint version); the clients' state
+    from the checkpoint is sent back to fresh SuperNodes (``train.load``).
+    """
+    from mona_sfl.checkpoint import CONFIG, CheckpointError
+    from mona_sfl.config import ConfigError, load_config
+
+    run_dir = Path(run_dir)
+    try:
+        cfg = load_config(run_dir / CONFIG)
+    except (ConfigError, FileNotFoundError) as e:
+        raise CheckpointError(f"{run_dir / CONFIG}: {e}") from None
+    return train_with_flower(cfg, run_dir, progress, resume=True, max_steps=max_steps)
+
+
+__all__ = ["train_with_flower", "resume_with_flower", "simulation_backend_config"]
