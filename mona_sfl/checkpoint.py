@@ -79,6 +79,21 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     raise CheckpointError(f"no checkpoint in {run_dir}: nothing to resume (was the run started with --out {run_dir}?)")
 
 
+def load_run_config(run_dir: Path):  # -> mona_sfl.config.Config
+    """The resolved config of a run folder; CheckpointError when the folder or its config is unusable."""
+    from mona_sfl.config import ConfigError, load_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist")
+    if not (run_dir / CONFIG).is_file():
+        raise CheckpointError(f"{run_dir} has no {CONFIG}: it is not a mona_sfl run folder")
+    try:
+        return load_config(run_dir / CONFIG)
+    except ConfigError as e:
+        raise CheckpointError(f"{run_dir / CONFIG} is not a valid config: {e}") from None
+
+
 class MetricsLog:
     """Append-only JSON lines, flushed per record so a crash loses at most a torn last line."""
 

@@ -375,18 +375,11 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     @classmethod
     def resume(cls, run_dir: str | Path, *, progress: bool = True, max_steps: int | None = None) -> "Trainer":
-        from mona_sfl.checkpoint import CheckpointError
-        from mona_sfl.config import ConfigError, load_config, with_overrides
+        from mona_sfl.checkpoint import CheckpointError, load_run_config
+        from mona_sfl.config import with_overrides
 
         run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise CheckpointError(f"run folder {run_dir} does not exist: nothing to resume")
-        if not (run_dir / CONFIG).is_file():
-            raise CheckpointError(f"{run_dir} has no {CONFIG}: it is not a mona_sfl run folder")
-        try:
-            cfg = load_config(run_dir / CONFIG)
-        except ConfigError as e:
-            raise CheckpointError(f"{run_dir / CONFIG} is not a valid config: {e}") from None
+        cfg = load_run_config(run_dir)
         state = load_checkpoint(run_dir)
         if int(state.get("version", -1)) != CHECKPOINT_VERSION:
             raise CheckpointError(f"checkpoint in {run_dir} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mona_sfl.checkpoint import CONFIG, CheckpointError, atomic_write_bytes, atomic_write_text, load_checkpoint
+from mona_sfl.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, load_checkpoint, load_run_config
 from mona_sfl.config import Config, ConfigError, load_config, to_flat
 from mona_sfl.data.datasets import ImageData
 from mona_sfl.data.views import normalize
@@ -459,14 +459,7 @@ def attack_run(run_dir: str | Path, *, untrained: bool = False, device: Any = "c
     into the run folder. ``kw`` goes to :func:`attack_front`.
     """
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run folder {run_dir} does not exist")
-    if not (run_dir / CONFIG).is_file():
-        raise CheckpointError(f"{run_dir} has no {CONFIG}: it is not a mona_sfl run folder")
-    try:
-        cfg = load_config(run_dir / CONFIG)
-    except ConfigError as e:
-        raise CheckpointError(f"{run_dir / CONFIG} is not a valid config: {e}") from None
+    cfg = load_run_config(run_dir)
     meta: dict[str, Any] = {"run_dir": str(run_dir), "untrained": bool(untrained)}
     state = None
     if not untrained:
