@@ -123,7 +123,7 @@ def build_client_group(
         train = load_data(cfg, "train")
     if parts is None:
         parts = client_partition(cfg, train.labels, len(train.classes))
-    views = TwoViews(train.mean, train.std, size=cfg.data.image_size, blur=cfg.data.blur)
+    views = TwoViews(train.mean, train.std, size=cfg.data.image_size, blur=cfg.data.blur, crop_scale=(cfg.data.crop_min, 1.0))
     streams = {
         cid: ClientStream(train, parts[cid], cfg.train.batch_size, seed=cfg.seed, client_id=cid, views=views)
         for cid in client_ids

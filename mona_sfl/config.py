@@ -69,6 +69,7 @@ class DataConfig:
     num_classes: int = 10  # synthetic only
     image_size: int = 32
     blur: bool = True  # Gaussian blur in the MoCo v2 augmentation
+    crop_min: float = 0.08  # RandomResizedCrop scale lower bound (reference: torchvision's 0.08)
     test_size: int = 0  # evaluate on the first N test images (0 = all)
     bank_size: int = 0  # kNN bank / probe train set: N seeded training images (0 = all)
 
@@ -420,6 +421,7 @@ def validate(cfg: Config) -> None:
     _check(d.synthetic_size >= 10, f"data.synthetic_size must be at least 10, got {d.synthetic_size}")
     _check(2 <= d.num_classes <= 1000, f"data.num_classes must be in 2..1000, got {d.num_classes}")
     _check(8 <= d.image_size <= 512, f"data.image_size must be in 8..512, got {d.image_size}")
+    _check(0 < d.crop_min <= 1, f"data.crop_min must be in (0, 1] (the smallest crop's share of the image area), got {d.crop_min}")
     _check(d.test_size >= 0, f"data.test_size must be >= 0, got {d.test_size}")
     _check(d.bank_size >= 0, f"data.bank_size must be >= 0, got {d.bank_size}")
 
