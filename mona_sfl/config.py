@@ -92,7 +92,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     client_schedule: str = "epoch"  # epoch: cosine over epochs | reference: per-step periodic cosine
-    checkpoint_every: int = 0  # steps between checkpoints (0 = at every epoch end)
+    checkpoint_every: int = 0  # steps between checkpoints (0 = off); always at every epoch end
+    checkpoint_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last one (0 = off)
 
 
 @dataclass(frozen=True)
@@ -442,6 +443,7 @@ def validate(cfg: Config) -> None:
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     _choice("train.client_schedule", t.client_schedule, CLIENT_SCHEDULES)
     _check(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}")
+    _check(t.checkpoint_minutes >= 0, f"train.checkpoint_minutes must be >= 0 (0 = off), got {t.checkpoint_minutes}")
 
     e = cfg.eval
     _check(e.every >= 0, f"eval.every must be >= 0 (0 = only at the end), got {e.every}")
