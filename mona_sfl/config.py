@@ -158,8 +158,8 @@ def _is_section(tp: Any) -> bool:
     return dataclasses.is_dataclass(tp)
 
 
-def _suggest(key: str, options: list[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(key, options, n=1)
+def _suggest(key: Any, options: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(str(key), options, n=1)
     return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
@@ -213,6 +213,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {full!r} is a {type(key).__name__}: keys must be names such as 'model' or 'cut' (quote it in YAML)")
         if key not in types:
             raise ConfigError(f"unknown config key '{full}'{_suggest(key, list(types), prefix)}")
         tp = types[key]
@@ -225,6 +227,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 def _read_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config path {p} is a directory: pass a .toml or .yaml file (e.g. configs/default.toml)")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
@@ -335,10 +339,16 @@ def to_flat(cfg: Config) -> dict[str, bool | int | float | str]:
 def from_flat(flat: dict[str, Any]) -> Config:
     nested: dict[str, Any] = {}
     for key, value in flat.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config key {key!r} must be a dotted name such as 'model.cut'")
         node = nested
         parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{key}': '{'.'.join(parts[: i + 1])}' is not a section")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"config key '{key}' is a section; set one of its keys")
         node[parts[-1]] = value
     return from_dict(nested)
 
@@ -350,8 +360,19 @@ def _toml_value(v: Any) -> str:
         return str(v)
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
+    return '"' + "".join(_toml_char(c) for c in str(v)) + '"'
+
+
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_char(c: str) -> str:
+    """One character of a TOML basic string: quotes, backslashes and control characters escaped."""
+    if c in _TOML_ESCAPES:
+        return _TOML_ESCAPES[c]
+    if ord(c) < 0x20 or ord(c) == 0x7F:
+        return f"\\u{ord(c):04X}"
+    return c
 
 
 def dumps_toml(cfg: Config) -> str:
@@ -385,15 +406,35 @@ def _finite(key: str, v: float) -> None:
     _check(math.isfinite(v), f"{key} must be a finite number, got {v}")
 
 
+def _check_leaf(key: str, v: Any, tp: Any) -> None:
+    """Type, int64 range, finiteness and text checks of one leaf (also for configs built in code)."""
+    ok = isinstance(v, bool) if tp is bool else (
+        isinstance(v, int) and not isinstance(v, bool) if tp is int else (
+            isinstance(v, (int, float)) and not isinstance(v, bool) if tp is float else isinstance(v, str)))
+    _check(ok, f"config key '{key}' must be of type {getattr(tp, '__name__', tp)}, got {v!r} ({type(v).__name__})")
+    if tp is int:  # TOML, torch and Flower's run_config hold 64-bit integers
+        _check(-(2**63) <= v < 2**63, f"{key}={v} does not fit in a 64-bit integer")
+    elif tp is float:
+        _finite(key, float(v))
+    elif tp is str:
+        _check("\x00" not in v, f"{key} contains a NUL character: remove it")
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{key}={v!r} is not valid UTF-8 text (undecodable bytes on the command line?)") from None
+
+
 def validate(cfg: Config) -> None:
     """Range and consistency checks that need no data; raises ConfigError."""
-    for sec in fields(cfg):
-        val = getattr(cfg, sec.name)
-        if dataclasses.is_dataclass(val):
-            for f in fields(val):
-                v = getattr(val, f.name)
-                if isinstance(v, float):
-                    _finite(f"{sec.name}.{f.name}", v)
+    _check(isinstance(cfg, Config), f"expected a Config, got {type(cfg).__name__}")
+    for name, tp in _section_types(Config).items():
+        val = getattr(cfg, name)
+        if _is_section(tp):
+            _check(isinstance(val, tp), f"config section '{name}' must be a {tp.__name__}, got {type(val).__name__}")
+            for sub, stp in _section_types(tp).items():
+                _check_leaf(f"{name}.{sub}", getattr(val, sub), stp)
+        else:
+            _check_leaf(name, val, tp)
     _choice("runtime", cfg.runtime, RUNTIMES)
     _choice("device", cfg.device, DEVICES)
     _check(0 <= cfg.seed < 2**63, f"seed must be in [0, 2^63), got {cfg.seed}")
@@ -425,6 +466,16 @@ def validate(cfg: Config) -> None:
     _check(0 < d.crop_min <= 1, f"data.crop_min must be in (0, 1] (the smallest crop's share of the image area), got {d.crop_min}")
     _check(d.test_size >= 0, f"data.test_size must be >= 0, got {d.test_size}")
     _check(d.bank_size >= 0, f"data.bank_size must be >= 0, got {d.bank_size}")
+    # contradictory settings
+    _check(
+        not (d.name == "synthetic" and d.dir),
+        f"data.dir='{d.dir}' is set but data.name='synthetic' reads no files: set data.name to the dataset in that "
+        f"folder ({', '.join(n for n in DATASETS if n != 'synthetic')}) or drop data.dir",
+    )
+    _check(
+        not (d.name == "imagefolder" and d.download),
+        "data.download=true cannot fetch an imagefolder dataset: put the images in data.dir yourself and set data.download=false",
+    )
 
     f = cfg.fed
     _check(f.num_clients >= 1, f"fed.num_clients must be >= 1, got {f.num_clients}")
