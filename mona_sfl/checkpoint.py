@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+
+from mona_sfl.interrupt import pause_point, pause_wanted
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -22,15 +24,32 @@ class CheckpointError(ValueError):
     """A run folder or checkpoint that cannot be resumed (missing, corrupt, mismatched)."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None], before_replace: Callable[[], None] | None = None) -> None:
+    """``write`` into a temporary file in the same folder, fsync it, rename it over ``path``,
+    fsync the folder. A crash at any point leaves ``path`` either old or new, never torn."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -38,28 +57,64 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _keep_previous(ckpt: Path, prev: Path) -> None:
+    """Make ``prev`` the current checkpoint while ``ckpt`` still exists (a hard link, renamed
+    into place); where hard links are not supported, move it (``load_checkpoint`` then finds
+    ``prev`` during the short moment without ``ckpt``)."""
+    link = prev.with_name(f".{prev.name}.link.tmp")
+    try:
+        if link.exists():
+            link.unlink()
+        os.link(ckpt, link)
+        os.replace(link, prev)
+    except OSError:
+        os.replace(ckpt, prev)
+
+
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
-    """Serialise to memory first, keep the previous good checkpoint, then swap atomically."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    ckpt = Path(run_dir) / CHECKPOINT
-    if ckpt.exists():
-        os.replace(ckpt, Path(run_dir) / PREVIOUS)
-    atomic_write_bytes(ckpt, buf.getvalue())
+    """Write ``checkpoint.pt`` atomically, keeping the one it replaces as ``checkpoint.prev.pt``.
+
+    Order: the new checkpoint is written and fsynced under a temporary name; only then does
+    the current one become ``checkpoint.prev.pt`` and the new one ``checkpoint.pt``; then the
+    folder is fsynced. A kill at any moment leaves at least one complete checkpoint, and the
+    newest complete one is what :func:`load_checkpoint` returns.
+    """
+    run_dir = Path(run_dir)
+    ckpt, prev = run_dir / CHECKPOINT, run_dir / PREVIOUS
+    step = int(state.get("global_step", -1))
+
+    def swap_previous() -> None:
+        pause_point("checkpoint_write", step)
+        if ckpt.exists():
+            _keep_previous(ckpt, prev)
+
+    _atomic_write(ckpt, lambda f: torch.save(state, f), before_replace=swap_previous)
+    pause_point("checkpoint_renamed", step)
+
+
+def remove_stale_temps(run_dir: Path) -> list[str]:
+    """Delete temporary files a killed writer left in a run folder (``.NAME.*.tmp``); returns their names."""
+    removed = []
+    for name in (CHECKPOINT, PREVIOUS, CONFIG, METRICS, SUMMARY):
+        for p in Path(run_dir).glob(f".{name}.*tmp"):
+            try:
+                p.unlink()
+                removed.append(p.name)
+            except OSError:
+                pass
+    return removed
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:
@@ -95,14 +150,38 @@ def load_run_config(run_dir: Path):  # -> mona_sfl.config.Config
 
 
 class MetricsLog:
-    """Append-only JSON lines, flushed per record so a crash loses at most a torn last line."""
+    """Append-only JSON lines, one write and one flush per record: a crash loses at most a torn
+    last line. ``count`` is the number of complete records in the file (checkpoints store it)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            if torn:  # a crash's torn last line: end it, so that it stays one (skipped) line
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write("\n")
+        self.count = len(read_metrics(self.path))
         self._f = open(self.path, "a", buffering=1, encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        if "loss" in record and pause_wanted("metrics_write", int(record.get("step", -1))):
+            half = len(line) // 2  # test hook: a torn line on disk while the process waits to be killed
+            self._f.write(line[:half])
+            self._f.flush()
+            pause_point("metrics_write", int(record["step"]))
+            line = line[half:]
+        self._f.write(line)
+        self._f.flush()
+        self.count += 1
+
+    def sync(self) -> None:
+        """Flush and fsync: the records a checkpoint counts are on disk before it is."""
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
 
     def close(self) -> None:
         if not self._f.closed:
@@ -125,7 +204,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep only records up to ``last_step`` (the checkpoint's), rewriting atomically."""
-    recs = [r for r in read_metrics(path) if int(r.get("step", 0)) <= last_step]
+def truncate_metrics(path: Path, last_step: int, keep: int | None = None) -> None:
+    """Drop what was logged after a checkpoint, rewriting atomically: keep the first ``keep``
+    complete records (the count the checkpoint stored), or, for checkpoints without a count,
+    the records up to ``last_step``. Torn lines go too."""
+    recs = read_metrics(path)
+    if keep is not None:
+        recs = recs[: max(0, int(keep))]
+    else:
+        recs = [r for r in recs if int(r.get("step", 0)) <= last_step]
     atomic_write_text(Path(path), "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs))

@@ -1,20 +1,23 @@
 """Command line: ``mona-sfl train``, ``mona-sfl attack``, ``mona-sfl comm``.
 
 Exit codes: 0 success, 2 a problem with the input (config, data, run folder, checkpoint),
-1 an unexpected error, 130 interrupted.
+1 an unexpected error, 130 / 143 stopped by SIGINT / SIGTERM (after a checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 from importlib import resources
 from pathlib import Path
 
-from mona_sfl.checkpoint import CONFIG, CheckpointError
+from mona_sfl.checkpoint import CONFIG, SUMMARY, CheckpointError, load_run_config
 from mona_sfl.config import Config, ConfigError, load_config
+from mona_sfl.interrupt import TrainingStopped, interrupted_exit, stop_on_signals
 
 EXIT_USAGE = 2
 
@@ -50,11 +53,48 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{stamp}-{cfg.model.arch}-cut{cfg.model.cut}-{method}"
 
 
+#: Files whose presence marks a folder as (part of) a run.
+RUN_FILES = (CONFIG, "checkpoint.pt", "checkpoint.prev.pt", "metrics.jsonl", SUMMARY)
+
+
 def check_new_run_dir(out: Path) -> None:
+    """Refuse an --out that cannot take a new run, before anything is written anywhere."""
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"--out {out} is a broken symbolic link: remove it or choose another --out")
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any((out / n).exists() for n in (CONFIG, "checkpoint.pt", "metrics.jsonl")):
+        raise ConfigError(f"--out {out} exists and is not a folder: choose another --out")
+    if out.is_dir() and any((out / n).exists() for n in RUN_FILES):
         raise ConfigError(f"--out {out} already holds a run: continue it with `mona-sfl train --resume {out}` or choose another --out")
+    base = out
+    while not base.exists() and not base.is_symlink() and base != base.parent:
+        base = base.parent  # the nearest existing folder, where the run folder will be created
+    if not base.is_dir():
+        raise ConfigError(f"--out {out} cannot be created: {base} is not a folder; choose another --out")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out} cannot be created: no permission to write in {base}; choose another --out")
+
+
+def check_resumable(run_dir: Path, max_steps: int | None) -> None:
+    """Refuse to resume a folder that is no run, or a run that has finished (nothing would be trained)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--resume {run_dir} is a file, not a run folder: pass the folder given as --out")
+    cfg = load_run_config(run_dir)  # CheckpointError when the folder or its config.toml is unusable
+    try:
+        done = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
+        steps, epochs = int(done["steps"]), int(done["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no (readable) summary: the run has not finished
+    limit = cfg.train.max_steps if max_steps is None else max_steps
+    if epochs >= cfg.train.epochs:
+        raise CheckpointError(
+            f"the run in {run_dir} has finished (all {cfg.train.epochs} epochs; see {SUMMARY}): nothing to resume; "
+            f"train.epochs cannot change on resume, so start a new run for more epochs"
+        )
+    if limit and steps >= limit:
+        raise CheckpointError(
+            f"the run in {run_dir} has finished ({steps} steps, train.max_steps={limit}; see {SUMMARY}): nothing to "
+            f"resume; to train further pass --set train.max_steps=N with N > {steps}"
+        )
 
 
 def _run_runtime(run_dir: Path) -> str:
@@ -120,6 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             except ValueError:
                 raise ConfigError(f"--set train.max_steps={val}: value must be of type int") from None
         run_dir = Path(args.resume)
+        check_resumable(run_dir, max_steps)
         if _run_runtime(run_dir) == "flower":
             from mona_sfl.runtime.flower.launch import resume_with_flower
 
@@ -179,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "train":
-            return cmd_train(args)
+            with stop_on_signals():  # SIGINT/SIGTERM: checkpoint, then TrainingStopped
+                return cmd_train(args)
         if args.command == "attack":
             from mona_sfl.privacy.attack import attack_main
 
@@ -191,13 +233,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"mona-sfl: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingStopped as e:
+        print(f"mona-sfl: {e}; continue with: mona-sfl train --resume {e.run_dir}", file=sys.stderr)
+        return e.exit_code  # 128 + signal: 130 for SIGINT, 143 for SIGTERM
     except KeyboardInterrupt:
-        print("mona-sfl: interrupted", file=sys.stderr)
-        return 130
+        code, text = interrupted_exit()
+        print(text, file=sys.stderr)
+        return code
     except RuntimeError as e:
+        from mona_sfl.core.server import ActivationsRejected
         from mona_sfl.engine import AllClientsLost
 
-        if not isinstance(e, AllClientsLost):
+        if not isinstance(e, (AllClientsLost, ActivationsRejected)):
             raise
         print(f"mona-sfl: error: {e}; continue with: mona-sfl train --resume RUN_DIR", file=sys.stderr)
         return 1

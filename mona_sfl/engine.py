@@ -26,6 +26,7 @@ from mona_sfl.checkpoint import (
     MetricsLog,
     atomic_write_text,
     load_checkpoint,
+    remove_stale_temps,
     save_checkpoint,
     truncate_metrics,
 )
@@ -34,6 +35,7 @@ from mona_sfl.core.client import Activations, StateDict, sample_clients
 from mona_sfl.core.sync import divergence, fedavg
 from mona_sfl.eval.knn import extract_features, knn_accuracy
 from mona_sfl.eval.linear import linear_probe
+from mona_sfl.interrupt import TrainingStopped, pause_point, set_active_run, stop_requested
 from mona_sfl.runtime.base import ClientRuntime, make_runtime
 
 log = logging.getLogger("mona_sfl")
@@ -131,6 +133,7 @@ class Trainer:
         self.lost_total: list[int] = []
         self._metrics: MetricsLog | None = None
         self._t_run_start = time.perf_counter()
+        self._last_save = time.monotonic()  # for train.checkpoint_minutes
         self.on_step: Any = None  # optional callback(trainer) after every step (benchmarks)
 
     # ------------------------------------------------------------------ run folder
@@ -167,6 +170,8 @@ class Trainer:
             "global_online": self.global_online,
             "bytes": dict(self.runtime.bytes),
             "torch_rng": torch.get_rng_state(),
+            # complete metrics.jsonl records that belong to this state (resume drops the rest)
+            "metrics_records": self._metrics.count if self._metrics is not None else 0,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -184,8 +189,30 @@ class Trainer:
         self.runtime.bytes.update({k: int(v) for k, v in state["bytes"].items()})
         torch.set_rng_state(state["torch_rng"])
 
-    def save(self) -> None:
-        save_checkpoint(self.run_dir, self.state_dict())
+    def save(self, metrics_records: int | None = None) -> None:
+        """Checkpoint now (atomically; the one it replaces stays as ``checkpoint.prev.pt``).
+
+        Only call it where the state is consistent: no client forward pending. The metrics
+        records it counts are flushed and fsynced first. ``metrics_records`` overrides the count
+        (the final checkpoint excludes the final evaluation, which a resume recomputes).
+        """
+        if self._metrics is not None:
+            self._metrics.sync()
+        state = self.state_dict()
+        if metrics_records is not None:
+            state["metrics_records"] = metrics_records
+        save_checkpoint(self.run_dir, state)
+        self._last_save = time.monotonic()
+
+    def _checkpoint_due(self) -> bool:
+        t = self.cfg.train
+        if t.checkpoint_every > 0 and self.global_step % t.checkpoint_every == 0:
+            return True
+        return t.checkpoint_minutes > 0 and time.monotonic() - self._last_save >= 60.0 * t.checkpoint_minutes
+
+    def _stop(self, signum: int) -> TrainingStopped:
+        log.warning("stopped by signal %d at step %d; checkpoint in %s", signum, self.global_step, self.run_dir)
+        return TrainingStopped(signum, self.global_step, self.run_dir)
 
     # ------------------------------------------------------------------ evaluation
     def _encoder(self, kind: str):  # noqa: ANN202 - a closure over the eval models
@@ -236,6 +263,7 @@ class Trainer:
     # ------------------------------------------------------------------ sync
     def sync(self, pool: list[int]) -> dict[str, float]:
         fr = self.runtime.fronts(pool)
+        pause_point("sync", self.global_step)
         ids = [c for c in pool if c in fr]
         onl = [fr[c][0] for c in ids]
         mom = [fr[c][1] for c in ids]
@@ -258,13 +286,17 @@ class Trainer:
     def run(self, resumed: bool = False) -> dict[str, Any]:
         cfg = self.cfg
         self._open_run_dir(resumed)
+        set_active_run(self.run_dir)
         t_start = self._t_run_start = time.perf_counter()
+        self._last_save = time.monotonic()
         total = self.total_steps
         progress = Progress(total, enabled=self.progress_enabled)
         try:
             if not resumed and self.knn_init is None and cfg.eval.every > 0:
                 self.knn_init = self.knn()
                 self._log({"epoch": 0, "step": 0, "knn_top1": self.knn_init, "init": True})
+            if not resumed:
+                self.save()  # step 0: a run killed at any later moment can be resumed
             done = self.global_step >= total
             while not done and self.epoch < cfg.train.epochs:
                 pool = sample_clients(cfg.seed, self.epoch, cfg.fed.num_clients, cfg.clients_per_epoch)
@@ -280,6 +312,11 @@ class Trainer:
                     self._evaluate()
                 if not done:
                     self.save()
+                signum = stop_requested()
+                if signum is not None:
+                    if done:
+                        self.save()  # training complete; a resume runs the final evaluation
+                    raise self._stop(signum)
             self.train_time += time.perf_counter() - t_start
             summary = self._finish()
         finally:
@@ -303,11 +340,14 @@ class Trainer:
             res = self.server.step([acts[c] for c in alive if c in acts])
             t2 = T.now()
             self.global_step += 1
+            pause_point("step", self.global_step)
             self.step_in_epoch = s + 1
             last_of_epoch = s == spe - 1
             finished = self.global_step >= total
             sync_due = last_of_epoch or finished or (cfg.fed.sync_every > 0 and (s + 1) % cfg.fed.sync_every == 0)
-            ckpt_due = cfg.train.checkpoint_every > 0 and self.global_step % cfg.train.checkpoint_every == 0
+            stopping = stop_requested() is not None
+            # a checkpoint needs a consistent state: the clients' backward done, no forward pending
+            ckpt_due = stopping or self._checkpoint_due()
             if sync_due or ckpt_due:
                 self.runtime.backward(res.grads)
                 acts = None
@@ -333,8 +373,11 @@ class Trainer:
                 self.step_in_epoch = 0
             if finished:
                 return True
-            if ckpt_due and not last_of_epoch:
+            signum = stop_requested()
+            if not last_of_epoch and (ckpt_due or (signum is not None and acts is None)):
                 self.save()
+                if signum is not None:
+                    raise self._stop(signum)
         return False
 
     def _evaluate(self) -> None:
@@ -343,6 +386,7 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         cfg = self.cfg
+        trained = self._metrics.count if self._metrics is not None else 0  # records before the final evaluation
         knn = self.knn()
         self._log({"epoch": self.epoch, "step": self.global_step, "knn_top1": knn, "final": True})
         summary: dict[str, Any] = {
@@ -365,10 +409,14 @@ class Trainer:
             "bytes_sync": self.runtime.bytes["sync"],
         }
         if cfg.eval.linear:
+            signum = stop_requested()
+            if signum is not None:  # before the (long) linear probe
+                self.save(metrics_records=trained)
+                raise self._stop(signum)
             t0 = time.perf_counter()
             summary["linear_top1"] = self.linear()
             summary["linear_s"] = time.perf_counter() - t0
-        self.save()
+        self.save(metrics_records=trained)
         atomic_write_text(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -383,17 +431,27 @@ class Trainer:
         state = load_checkpoint(run_dir)
         if int(state.get("version", -1)) != CHECKPOINT_VERSION:
             raise CheckpointError(f"checkpoint in {run_dir} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
-        if state.get("config") != to_flat(cfg):
-            diff = sorted(k for k, v in to_flat(cfg).items() if state.get("config", {}).get(k) != v)
+        diff = _config_diff(state.get("config", {}), cfg)
+        if diff:
             raise CheckpointError(f"{run_dir / CONFIG} does not match the checkpoint (differs in: {', '.join(diff[:8])}): restore the original config")
         if max_steps is not None:
             cfg = with_overrides(cfg, [f"train.max_steps={max_steps}"])
         trainer = cls(cfg, run_dir, progress=progress)
         trainer.load_state_dict(state)
-        truncate_metrics(run_dir / METRICS, trainer.global_step)
+        remove_stale_temps(run_dir)  # a checkpoint write that was killed
+        keep = state.get("metrics_records")
+        truncate_metrics(run_dir / METRICS, trainer.global_step, keep=None if keep is None else int(keep))
         if max_steps is not None:
             atomic_write_text(run_dir / CONFIG, dumps_toml(cfg))
         return trainer
+
+
+def _config_diff(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """Keys where a checkpoint's config and ``cfg`` differ. A key the checkpoint lacks (added to
+    the schema after it was written) counts as equal when ``cfg`` has its default."""
+    flat, defaults = to_flat(cfg), to_flat(Config())
+    diff = [k for k, v in flat.items() if (saved[k] if k in saved else defaults.get(k)) != v]
+    return sorted(diff + [k for k in saved if k not in flat])
 
 
 def count_params(module: torch.nn.Module) -> int:
