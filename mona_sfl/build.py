@@ -15,12 +15,12 @@ from torch import nn
 
 from mona_sfl.config import Config, ConfigError
 from mona_sfl.core.client import ClientGroup, ClientHParams
-from mona_sfl.core.server import Server
+from mona_sfl.core.server import ActivationSpec, Server
 from mona_sfl.data.datasets import DataError, ImageData, load_dataset
 from mona_sfl.data.partition import partition
 from mona_sfl.data.stream import ClientStream
 from mona_sfl.data.views import TwoViews
-from mona_sfl.models.split import ServerNet, build_split
+from mona_sfl.models.split import ServerNet, build_split, cut_info
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,6 +132,17 @@ def build_client_group(
     return ClientGroup(front, client_hparams(cfg), streams, device=device or resolve_device(cfg.device))
 
 
+def activation_spec(cfg: Config) -> ActivationSpec:
+    """What the server accepts from one client per step: rows of the cut's (C, H, W), float32."""
+    m = cfg.model
+    info = cut_info(
+        m.arch, m.cut, input_size=cfg.data.image_size, width=m.width, norm=m.norm, weight_std=m.weight_std,
+        proj_hidden=cfg.algo.hidden_dim, proj_dim=cfg.algo.dim,
+    )
+    rows = cfg.train.batch_size * (2 if cfg.algo.symmetric == "client" else 1)
+    return ActivationSpec(shape=tuple(info.activation_shape), max_rows=rows, dtype=torch.float32)
+
+
 def build_server(cfg: Config, device: torch.device) -> Server:
     _, net = build_models(cfg)
     a = cfg.algo
@@ -148,6 +159,7 @@ def build_server(cfg: Config, device: torch.device) -> Server:
         symmetric=a.symmetric,
         device=device,
         queue_seed=cfg.seed,
+        spec=activation_spec(cfg),
     )
 
 
@@ -160,5 +172,6 @@ __all__ = [
     "build_models",
     "client_hparams",
     "build_client_group",
+    "activation_spec",
     "build_server",
 ]

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from mona_sfl.core.client import Activations
+from mona_sfl.core.server import ActivationSpec
+
 StateDict = dict[str, torch.Tensor]
 
 _BF16 = "torch.bfloat16"  # Array.dtype tag for bfloat16 tensors (data holds their int16 bits)
@@ -131,6 +134,75 @@ def tree_bytes(arrays: ArrayRecord, config: ConfigRecord) -> int:
     return record_bytes(arrays) + len(str(config[_TREE]).encode())
 
 
+# ----------------------------------------------------------------------------- client activations
+#: Room for the npy header in front of an activation's bytes (ours are 128 B).
+NPY_HEADER_MAX = 4096
+_FLOATS = ("float16", "float32", "float64")
+
+
+def decode_activation(a: object, name: str, spec: ActivationSpec) -> tuple[torch.Tensor | None, str | None]:
+    """One activation Array from a client, checked before and after decoding: (tensor, None) or (None, why).
+
+    Before decoding: it is an Array of serialisation type numpy, its declared dtype and shape are
+    the spec's (rows, C, H, W) with 1..max_rows rows, and its bytes are within the bound the
+    shape implies (plus an npy header). After: the npy content has the declared dtype and shape.
+    """
+    if not isinstance(a, Array):
+        return None, f"{name} is missing from the reply" if a is None else f"{name} is a {type(a).__name__}, not an Array"
+    if a.stype != "numpy.ndarray":
+        return None, f"{name} has serialisation type {a.stype!r}, expected 'numpy.ndarray'"
+    want = str(spec.dtype).removeprefix("torch.") if spec.dtype is not None else None
+    if (want is not None and a.dtype != want) or (want is None and a.dtype not in _FLOATS):
+        return None, f"{name} declares dtype {a.dtype!r}, expected {want or ' or '.join(_FLOATS)!r}"
+    try:
+        shape = tuple(int(d) for d in a.shape)
+    except (TypeError, ValueError):
+        return None, f"{name} declares a malformed shape {a.shape!r}"
+    if len(shape) != 4 or min(shape) < 1 or (spec.shape is not None and shape[1:] != tuple(spec.shape)):
+        expect = f"(rows, {', '.join(str(d) for d in spec.shape)})" if spec.shape is not None else "(rows, C, H, W)"
+        return None, f"{name} declares shape {shape}, expected {expect}"
+    if spec.max_rows is not None and shape[0] > spec.max_rows:
+        return None, f"{name} declares {shape[0]} rows, more than the {spec.max_rows} a client sends"
+    bound = spec.max_bytes(np.dtype(a.dtype).itemsize)
+    size = len(a.data) if isinstance(a.data, (bytes, bytearray, memoryview)) else -1
+    if size < 0:
+        return None, f"{name} carries no byte payload"
+    if bound is not None and size > bound + NPY_HEADER_MAX:
+        return None, f"oversized payload: {name} has {size} bytes, more than the {bound + NPY_HEADER_MAX} bytes its shape allows"
+    try:
+        arr = a.numpy()
+    except Exception as e:  # np.load raises many types for malformed npy bytes
+        return None, f"{name} cannot be decoded as npy ({type(e).__name__}: {str(e)[:120]})"
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.dtype(a.dtype) or tuple(arr.shape) != shape:
+        got = f"{getattr(arr, 'dtype', type(arr).__name__)} {tuple(getattr(arr, 'shape', ()))}"
+        return None, f"{name} decodes to {got}, not the declared {a.dtype} {shape}"
+    if not arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = np.array(arr, order="C")
+    return torch.from_numpy(arr), None
+
+
+def decode_activations(act: ArrayRecord, ids: list[int], spec: ActivationSpec) -> tuple[dict[int, Activations], dict[int, str]]:
+    """The activations of clients ``ids`` from a ``train.step`` reply (``"<cid>.q"``, ``"<cid>.k"``).
+
+    Returns (accepted by client id, refused: client id -> why). A malformed entry never raises;
+    finiteness and cross-client checks are the server's (:meth:`mona_sfl.core.server.Server.validate`).
+    """
+    good: dict[int, Activations] = {}
+    bad: dict[int, str] = {}
+    for cid in ids:
+        tensors = []
+        for part in ("q", "k"):
+            key = f"{cid}.{part}"
+            t, why = decode_activation(act.get(key) if hasattr(act, "get") else None, key, spec)
+            if why is not None:
+                bad[cid] = why
+                break
+            tensors.append(t)
+        if cid not in bad:
+            good[cid] = Activations(cid, tensors[0], tensors[1])
+    return good, bad
+
+
 __all__ = [
     "tensor_to_array",
     "array_to_tensor",
@@ -140,4 +212,6 @@ __all__ = [
     "tree_to_records",
     "records_to_tree",
     "tree_bytes",
+    "decode_activation",
+    "decode_activations",
 ]

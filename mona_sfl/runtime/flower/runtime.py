@@ -34,7 +34,7 @@ from mona_sfl.config import Config
 from mona_sfl.core.client import Activations, StateDict
 from mona_sfl.runtime.base import ClientRuntime
 from mona_sfl.runtime.flower.codec import (
-    array_to_tensor,
+    decode_activations,
     record_bytes,
     record_to_state_dict,
     records_to_tree,
@@ -90,6 +90,7 @@ class FlowerRuntime(ClientRuntime):
         self.wait_s = 0.0  # wall time spent waiting for replies
         front, _ = build.build_models(cfg)
         self._front_keys = list(front.state_dict())
+        self.spec = build.activation_spec(cfg)  # what a client's reply may hold (checked before decoding)
         self._discover(connect_timeout_s if connect_timeout_s is not None else max(self.timeout_s, 60.0))
 
     # ------------------------------------------------------------------ plumbing
@@ -300,8 +301,11 @@ class FlowerRuntime(ClientRuntime):
         for part, content in replies.items():
             act = content.array_records.get("act", ArrayRecord())
             self.bytes["up"] += record_bytes(act)
-            for cid in work[part][1]:
-                out[cid] = Activations(cid, array_to_tensor(act[f"{cid}.q"]), array_to_tensor(act[f"{cid}.k"]))
+            got, bad = decode_activations(act, work[part][1], self.spec)
+            out.update(got)
+            for cid, why in bad.items():
+                log.warning("flower: rejected the activations of client %d from node %d (partition %d): %s; "
+                            "the client is dropped for this step", cid, self.node_of.get(part, -1), part, why)
         return {cid: out[cid] for cid in ids if cid in out}
 
     def _ordered(self, sd: StateDict) -> StateDict:
