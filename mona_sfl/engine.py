@@ -423,21 +423,32 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     @classmethod
     def resume(cls, run_dir: str | Path, *, progress: bool = True, max_steps: int | None = None) -> "Trainer":
-        from mona_sfl.checkpoint import CheckpointError, load_run_config
+        from mona_sfl.checkpoint import PREVIOUS, CheckpointError, load_run_config
         from mona_sfl.config import with_overrides
 
         run_dir = Path(run_dir)
         cfg = load_run_config(run_dir)
         state = load_checkpoint(run_dir)
-        if int(state.get("version", -1)) != CHECKPOINT_VERSION:
-            raise CheckpointError(f"checkpoint in {run_dir} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+            raise CheckpointError(f"the checkpoint in {run_dir} holds no mona_sfl training state: restore {PREVIOUS} or start a new run")
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"checkpoint in {run_dir} has version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
         diff = _config_diff(state.get("config", {}), cfg)
         if diff:
             raise CheckpointError(f"{run_dir / CONFIG} does not match the checkpoint (differs in: {', '.join(diff[:8])}): restore the original config")
         if max_steps is not None:
             cfg = with_overrides(cfg, [f"train.max_steps={max_steps}"])
         trainer = cls(cfg, run_dir, progress=progress)
-        trainer.load_state_dict(state)
+        try:
+            trainer.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+            trainer.runtime.close()
+            if type(e).__module__.startswith("mona_sfl"):  # a runtime fault or our own error, not a damaged file
+                raise
+            why = str(e).splitlines()[0][:200] if str(e) else ""
+            raise CheckpointError(
+                f"the checkpoint in {run_dir} is damaged or incomplete ({type(e).__name__}: {why}): restore {PREVIOUS} or start a new run"
+            ) from None
         remove_stale_temps(run_dir)  # a checkpoint write that was killed
         keep = state.get("metrics_records")
         truncate_metrics(run_dir / METRICS, trainer.global_step, keep=None if keep is None else int(keep))
