@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from mona_sfl.checkpoint import CONFIG, SUMMARY, CheckpointError, load_run_config
-from mona_sfl.config import Config, ConfigError, load_config
+from mona_sfl.config import Config, ConfigError, load_config, with_overrides
 from mona_sfl.interrupt import TrainingStopped, interrupted_exit, stop_on_signals
 
 EXIT_USAGE = 2
@@ -79,6 +79,11 @@ def check_resumable(run_dir: Path, max_steps: int | None) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"--resume {run_dir} is a file, not a run folder: pass the folder given as --out")
     cfg = load_run_config(run_dir)  # CheckpointError when the folder or its config.toml is unusable
+    for name in RUN_FILES:
+        if (run_dir / name).exists() and not (run_dir / name).is_file():
+            raise CheckpointError(f"{run_dir / name} is not a file: this run folder is damaged; restore the file or start a new run")
+    if max_steps is not None:
+        with_overrides(cfg, [f"train.max_steps={max_steps}"])  # ConfigError for a negative value
     try:
         done = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
         steps, epochs = int(done["steps"]), int(done["epochs"])
