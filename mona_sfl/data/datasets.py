@@ -218,13 +218,28 @@ def _split_dir(root: Path, split: str) -> Path:
     if (root / "train").is_dir() or (root / "test").is_dir():
         if not (root / split).is_dir():
             raise DataError(f"imagefolder: {str(root)!r} has split folders but no {split}/ folder; add {root / split}")
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            train, test = set(_class_names(root / "train")), set(_class_names(root / "test"))
+            if train != test:
+                only_train = ", ".join(sorted(train - test)) or "-"
+                only_test = ", ".join(sorted(test - train)) or "-"
+                raise DataError(
+                    f"imagefolder: train/ and test/ in {str(root)!r} have different class folders (only in train/: "
+                    f"{only_train}; only in test/: {only_test}), so their labels would not match; give both splits "
+                    f"the same class folders"
+                )
         return root / split
     return root
 
 
+def _class_names(folder: Path) -> list[str]:
+    """Sorted names of the class subfolders (hidden folders are ignored)."""
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def _list_images(folder: Path) -> tuple[list[str], list[Path], list[int]]:
     """Class names (sorted subfolders) and every image file with its label."""
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = _class_names(folder)
     if not classes:
         raise DataError(
             f"imagefolder: {str(folder)!r} has no class subfolders; the layout must be "
@@ -278,7 +293,13 @@ def _load_imagefolder(root: Path, split: str, image_size: int) -> ImageData:
     def work(rows: range) -> None:
         for k in rows:
             path = files[k]
-            data = path.read_bytes()
+            try:
+                data = path.read_bytes()
+            except OSError as exc:  # a broken link, no permission, a vanished file
+                raise DataError(
+                    f"imagefolder: cannot read image file {str(path)!r} ({exc.strerror or exc}); "
+                    f"fix or delete it (or the broken link)"
+                ) from None
             img = None
             if path.suffix.lower() in fast:
                 try:
