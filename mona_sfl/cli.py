@@ -191,6 +191,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if cfg.runtime == "flower":
             from mona_sfl.runtime.flower.launch import train_with_flower
 
+            if cfg.data.name != "imagefolder":  # fail in seconds, not after starting Flower (decoding folders twice costs more)
+                from mona_sfl import build
+
+                train = build.load_data(cfg, "train")
+                build.client_partition(cfg, train.labels, len(train.classes))
             nodes = cfg.flower.num_supernodes or cfg.fed.num_clients
             print(f"{what}runtime flower (simulation engine, {nodes} SuperNodes), data {cfg.data.name}", file=sys.stderr)
             summary = train_with_flower(cfg, run_dir, progress=not args.quiet)

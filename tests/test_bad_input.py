@@ -226,6 +226,7 @@ CASES: list[Case] = [
     Case("config-not-utf8", with_file("c.toml", b"seed = 1 # \xff\xfe\n"), "cannot read config file"),
     # ------------------------------------------------------------ needs the data: checked before anything is written
     Case("batch-larger-than-client", new_run_in_out("train.batch_size=30"), "train.batch_size=30 is larger than the smallest client's data (20 images"),
+    Case("flower-batch-larger-than-client", new_run_in_out("runtime=flower", "train.batch_size=30"), "is larger than the smallest client's data"),
     Case("more-clients-than-data", new_run_in_out("fed.num_clients=50", "train.batch_size=1"), "fed.num_clients=50 exceeds the 40 training samples"),
     Case("tiny-proportion", new_run_in_out("data.proportion=0.05"), "is larger than the smallest client's data"),
     Case("cifar-without-dir", new_run_in_out("data.name=cifar10"), "data.name='cifar10' needs a data directory"),
