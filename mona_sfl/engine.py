@@ -449,8 +449,16 @@ class Trainer:
             raise CheckpointError(
                 f"the checkpoint in {run_dir} is damaged or incomplete ({type(e).__name__}: {why}): restore {PREVIOUS} or start a new run"
             ) from None
-        remove_stale_temps(run_dir)  # a checkpoint write that was killed
+        if max_steps is not None and 0 < max_steps < trainer.global_step:
+            trainer.runtime.close()
+            raise CheckpointError(
+                f"--set train.max_steps={max_steps} is below the checkpoint's step {trainer.global_step}: pass a larger value, or 0 for no limit"
+            )
         keep = state.get("metrics_records")
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+            trainer.runtime.close()
+            raise CheckpointError(f"the checkpoint in {run_dir} is damaged (metrics_records={keep!r}): restore {PREVIOUS} or start a new run")
+        remove_stale_temps(run_dir)  # a checkpoint write that was killed
         truncate_metrics(run_dir / METRICS, trainer.global_step, keep=None if keep is None else int(keep))
         if max_steps is not None:
             atomic_write_text(run_dir / CONFIG, dumps_toml(cfg))

@@ -263,6 +263,8 @@ CASES: list[Case] = [
     Case("resume-set-other-key", resume("--set", "model.cut=3"), "--set model.cut cannot change a run being resumed"),
     Case("resume-max-steps-not-int", resume("--set", "train.max_steps=ten"), "--set train.max_steps=ten: value must be of type int"),
     Case("resume-max-steps-negative", resume("--set", "train.max_steps=-3"), "train.max_steps must be >= 0"),
+    Case("resume-max-steps-below-checkpoint", resume("--set", "train.max_steps=1"), "train.max_steps=1 is below the checkpoint's step 2"),
+    Case("resume-checkpoint-bad-record-count", resume(), "is damaged (metrics_records='x')", edit_checkpoint(lambda s: s.update(metrics_records="x"))),
     Case("resume-with-out", lambda ctx: ["train", "--resume", str(ctx.run), "--out", str(ctx.out)], "do not pass --config or --out with it"),
     Case("resume-finished-run", resume(), "has finished (2 steps, train.max_steps=2", needs_base=True),
     Case("resume-finished-run-not-extended", resume("--set", "train.max_steps=2"), "pass --set train.max_steps=N with N > 2", needs_base=True),
