@@ -15,7 +15,7 @@ import difflib
 import math
 import tomllib
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
