@@ -14,8 +14,13 @@
    ``flwr-serverapp`` and ``flwr-clientapp`` processes Flower spawns, some of them in new
    sessions), and the tagged processes are terminated by PID.
 
-Insecure mode is for one trusted machine only (``--tls DIR`` / ``--tls auto`` switches to TLS);
-see ``tls_help()`` for real deployments.
+Insecure mode is for one trusted machine only. ``--tls DIR`` (``ca.crt``, ``server.pem``,
+``server.key``, as written by :mod:`mona_sfl.runtime.flower.certs`) or ``--tls auto`` (a
+throw-away CA) switches the SuperLink, the SuperNodes and the ``flwr`` connection to TLS;
+``--auth`` adds SuperNode authentication: the SuperLink starts with ``--enable-supernode-auth``,
+the public key ``supernode-I.pub`` of each node is registered with ``flwr supernode register``
+before the node starts with ``--auth-supernode-private-key supernode-I.key``, and any SuperNode
+whose key is not registered is refused. See ``tls_help()`` for real deployments.
 Exit codes: 0 success, 2 bad input, 1 the run failed.
 """
 
@@ -32,10 +37,13 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mona_sfl.config import Config, ConfigError, load_config
+from mona_sfl.runtime.flower.certs import CA_CERT, SERVER_CERT, SERVER_KEY, CertError, make_test_certs, node_key_paths
 from mona_sfl.runtime.flower.run_config import app_config_toml
 
 TAG = "MONA_SFL_DEPLOY_TAG"
@@ -44,33 +52,15 @@ CONNECTION = "deploy"
 
 def tls_help() -> str:
     return """\
-TLS for a real deployment (drop --insecure everywhere):
-  flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key --host 0.0.0.0 --port 8000 \\
-      --disable-runtime-dependency-installation
-  flower-supernode --root-certificates ca.crt --superlink SUPERLINK_HOST:8000 \\
-      --node-config 'partition-id=I num-partitions=N'
-  $FLWR_HOME/config.toml:  [superlink.prod]  address = "SUPERLINK_HOST:8000"  root-certificates = "ca.crt"
-  SuperNode authentication (requires TLS): flower-superlink --enable-supernode-auth, and
-  flower-supernode --auth-supernode-private-key key (register the public key with `flwr supernode`)."""
-
-
-def make_test_certs(out: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> Path:
-    """A throw-away CA and a server certificate for ``hosts`` (openssl), for trying TLS locally.
-
-    Writes ca.crt, server.pem, server.key into ``out``. Real deployments use certificates
-    from their own CA (the SuperLink's hostname/IP must be in the server certificate's SANs).
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    san = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() else f"DNS:{h}" for h in hosts)
-
-    def ssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=out, check=True, capture_output=True)
-
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=mona-sfl-test-ca", "-keyout", "ca.key", "-out", "ca.crt")
-    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=superlink", "-keyout", "server.key", "-out", "server.csr")
-    (out / "san.ext").write_text(f"subjectAltName={san}\n")
-    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-out", "server.pem", "-extfile", "san.ext")
-    return out
+TLS and SuperNode authentication for a real deployment (drop --insecure everywhere):
+  python -m mona_sfl.runtime.flower.certs certs --hosts LINK_HOST --nodes N   # or your own CA's files
+  flower-superlink --ssl-ca-certfile certs/ca.crt --ssl-certfile certs/server.pem --ssl-keyfile certs/server.key \\
+      --enable-supernode-auth --host 0.0.0.0 --port 8000 --disable-runtime-dependency-installation
+  $FLWR_HOME/config.toml:  [superlink.prod]  address = "LINK_HOST:8000"  root-certificates = "certs/ca.crt"
+  flwr supernode register certs/supernode-I.pub prod                          # once per node, I = 0..N-1
+  flower-supernode --root-certificates certs/ca.crt --auth-supernode-private-key certs/supernode-I.key \\
+      --superlink LINK_HOST:8000 --node-config 'partition-id=I num-partitions=N'
+  Here: --tls auto --auth does all of this on 127.0.0.1 with throw-away certificates and keys."""
 
 
 # ----------------------------------------------------------------------------- processes
@@ -185,6 +175,78 @@ def _bin(name: str) -> str:
     return str(here) if here.exists() else (shutil.which(name) or name)
 
 
+def check_tls_dir(tls: Path, nodes: int = 0) -> None:
+    """Raise CertError unless ``tls`` holds the SuperLink's files and ``nodes`` SuperNode key pairs."""
+    names = [CA_CERT, SERVER_CERT, SERVER_KEY] + [p.name for i in range(nodes) for p in node_key_paths(tls, i)]
+    missing = [n for n in names if not (tls / n).is_file()]
+    if missing:
+        raise CertError(f"{tls} lacks {', '.join(missing)} (make them with `python -m mona_sfl.runtime.flower.certs`)")
+
+
+def _json_out(text: str) -> Any:
+    """The JSON document in a ``flwr ... --format json`` output (anything before it is ignored)."""
+    start = text.find("{")
+    if start < 0:
+        raise ValueError("no JSON in the output")
+    return json.loads(text[start:])
+
+
+@dataclass
+class Running:
+    """A started local deployment (SuperLink up, SuperNodes started), as ``on_ready`` sees it."""
+
+    port: int
+    env: dict[str, str]
+    work: Path
+    logs: Path
+    tls_dir: Path | None
+    start: Callable[[str, list[str]], subprocess.Popen[bytes]]  # tagged: stopped with the rest
+    timeout_s: float = 120.0
+
+    def supernode_args(self, partition_id: int, num_partitions: int, key: Path | None = None) -> list[str]:
+        """``flower-supernode`` command line for this SuperLink (TLS if the deployment has it)."""
+        sec = ["--insecure"] if self.tls_dir is None else ["--root-certificates", str(self.tls_dir / CA_CERT)]
+        args = [
+            _bin("flower-supernode"), *sec, "--superlink", f"127.0.0.1:{self.port}",
+            "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}",
+            # the SuperNode's own Runtime API (for its flwr-clientapp processes) stays on loopback
+            "--host", "127.0.0.1", "--port", str(free_port()),
+        ]
+        if key is not None:
+            args += ["--auth-supernode-private-key", str(Path(key).resolve())]
+        return args
+
+    def flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``flwr ARGS`` against this deployment's FLWR_HOME (the ``deploy`` connection)."""
+        return subprocess.run(
+            [_bin("flwr"), *args], env=self.env, cwd=self.work, capture_output=True, text=True,
+            stdin=subprocess.DEVNULL, timeout=min(self.timeout_s, 300.0), check=False,
+        )
+
+    def register(self, public_key: Path) -> int:
+        """``flwr supernode register KEY.pub``: returns the node id the SuperLink assigned."""
+        r = self.flwr("supernode", "register", str(Path(public_key).resolve()), CONNECTION, "--format", "json")
+        try:
+            out = _json_out(r.stdout)
+            ok = r.returncode == 0 and out.get("success") is True
+        except ValueError:
+            ok = False
+        if not ok:
+            raise RuntimeError(f"flwr supernode register {public_key} failed (exit {r.returncode}): {(r.stdout + r.stderr).strip()[-2000:]}")
+        return int(out["node-id"])
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The SuperLink's node list (``flwr supernode ls``): node-id, status, ..."""
+        r = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
+        try:
+            out = _json_out(r.stdout)
+        except ValueError:
+            out = {}
+        if r.returncode != 0 or out.get("success") is not True:
+            raise RuntimeError(f"flwr supernode ls failed (exit {r.returncode}): {(r.stdout + r.stderr).strip()[-2000:]}")
+        return list(out["nodes"])
+
+
 def deploy(
     cfg: Config,
     num_nodes: int,
@@ -197,6 +259,8 @@ def deploy(
     train: bool = True,
     extra_env: dict[str, str] | None = None,
     tls_dir: Path | None = None,
+    auth: bool = False,
+    on_ready: Callable[[Running], None] | None = None,
     log: Any = sys.stderr,
 ) -> dict[str, Any]:
     """Run ``cfg`` through a local SuperLink and ``num_nodes`` SuperNodes.
@@ -206,8 +270,18 @@ def deploy(
     ``train``, it trains (``result["summary"]``). Raises RuntimeError when a run fails; every started process is
     stopped in any case. ``result["survivors"]`` lists tagged PIDs still alive after cleanup
     (should be empty). ``tls_dir`` (ca.crt, server.pem, server.key) switches from
-    ``--insecure`` to TLS between the CLI, the SuperLink and the SuperNodes.
+    ``--insecure`` to TLS between the CLI, the SuperLink and the SuperNodes. ``auth`` (needs
+    ``tls_dir``) enables SuperNode authentication: node i's public key
+    ``tls_dir/supernode-i.pub`` is registered before the node starts with
+    ``tls_dir/supernode-i.key`` (``result["registered"]``: partition id -> node id;
+    ``result["nodes"]``: the SuperLink's node list after the run, ``flwr supernode ls``).
+    ``on_ready(running)`` is called once the SuperLink and the SuperNodes are started, before
+    ``flwr run`` (tests use it to start a SuperNode the SuperLink must refuse).
     """
+    if auth and tls_dir is None:
+        raise ValueError("SuperNode authentication needs TLS (tls_dir)")
+    if tls_dir is not None:
+        check_tls_dir(Path(tls_dir), num_nodes if auth else 0)
     run_dir = Path(run_dir).resolve()
     tag = uuid.uuid4().hex
     own_tmp = work_dir is None
@@ -249,29 +323,29 @@ def deploy(
         signal.signal(s, on_signal)
     result: dict[str, Any] = {"work_dir": str(work), "logs": str(logs), "tag": tag, "started": []}
     try:
-        if tls_dir is not None:
-            tls = Path(tls_dir).resolve()
-            link_sec = ["--ssl-ca-certfile", str(tls / "ca.crt"), "--ssl-certfile", str(tls / "server.pem"), "--ssl-keyfile", str(tls / "server.key")]
-            node_sec = ["--root-certificates", str(tls / "ca.crt")]
+        tls = None if tls_dir is None else Path(tls_dir).resolve()
+        if tls is not None:
+            link_sec = ["--ssl-ca-certfile", str(tls / CA_CERT), "--ssl-certfile", str(tls / SERVER_CERT), "--ssl-keyfile", str(tls / SERVER_KEY)]
+            if auth:
+                link_sec.append("--enable-supernode-auth")
         else:
-            link_sec, node_sec = ["--insecure"], ["--insecure"]
-        write_connection(flwr_home, port := free_port(), None if tls_dir is None else Path(tls_dir) / "ca.crt")
+            link_sec = ["--insecure"]
+        write_connection(flwr_home, port := free_port(), None if tls is None else tls / CA_CERT)
         write_app(app_dir, cfg, run_dir)
         link = start(
             "superlink",
             [_bin("flower-superlink"), *link_sec, "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
         )
         wait_port(port, 120, link)
+        running = Running(port=port, env=env, work=work, logs=logs, tls_dir=tls, start=start, timeout_s=timeout_s)
+        if auth:
+            assert tls is not None
+            result["registered"] = {i: running.register(node_key_paths(tls, i)[1]) for i in range(num_nodes)}
         for i in range(num_nodes):
-            start(
-                f"supernode-{i}",
-                [
-                    _bin("flower-supernode"), *node_sec, "--superlink", f"127.0.0.1:{port}",
-                    "--node-config", f"partition-id={i} num-partitions={num_nodes}",
-                    # the SuperNode's own Runtime API (for its flwr-clientapp processes) stays on loopback
-                    "--host", "127.0.0.1", "--port", str(free_port()),
-                ],
-            )
+            key = node_key_paths(tls, i)[0] if auth and tls is not None else None
+            start(f"supernode-{i}", running.supernode_args(i, num_nodes, key=key))
+        if on_ready is not None:
+            on_ready(running)
 
         def flwr_run(name: str, expect: Path, run_config: str | None = None) -> dict[str, Any]:
             args = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
@@ -297,6 +371,8 @@ def deploy(
             if probe_mb > 0:
                 result["probe"] = json.loads((out_dir / "flower_probe.json").read_text())
                 print(f"deploy: probe {probe_mb:g} MB to each of {num_nodes} nodes and back in {result['probe']['seconds']:.1f} s, intact", file=log, flush=True)
+        if auth:  # the nodes the SuperLink knows at the end: the registered ones only
+            result["nodes"] = running.nodes()
         result["ok"] = True
         return result
     finally:
@@ -317,7 +393,7 @@ def deploy(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="deploy_local", description="Train through a local SuperLink + N SuperNodes (separate processes, insecure, 127.0.0.1).", epilog=tls_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="deploy_local", description="Train through a local SuperLink + N SuperNodes (separate processes on 127.0.0.1; insecure unless --tls).", epilog=tls_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("nodes", type=int, help="number of SuperNodes (client c lives on node c %% N)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.max_steps=4")
     p.add_argument("--config", help="TOML/YAML config file or bundled config name (default: the bundled 'default')")
@@ -326,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")
     p.add_argument("--keep", action="store_true", help="keep the work folder (FLWR_HOME, app, logs)")
     p.add_argument("--probe", type=float, default=0.0, metavar="MB", help="first round-trip MB megabytes through every node (large-message check)")
-    p.add_argument("--tls", metavar="DIR", help="TLS instead of --insecure: DIR holds ca.crt, server.pem, server.key ('auto': make throw-away ones with openssl)")
+    p.add_argument("--tls", metavar="DIR", help="TLS instead of --insecure: DIR holds ca.crt, server.pem, server.key ('auto': make throw-away ones)")
+    p.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls): register DIR/supernode-I.pub, start node I with DIR/supernode-I.key")
     args = p.parse_intermixed_args(argv)
     try:
         from mona_sfl.cli import resolve_config_path
@@ -344,20 +421,28 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"deploy_local: error: {e}", file=sys.stderr)
         return 2
+    tls = None
+    auto_certs = None
     try:
-        tls = None
+        if args.auth and not args.tls:
+            raise CertError("--auth needs --tls DIR or --tls auto (Flower authenticates SuperNodes only over TLS)")
         if args.tls == "auto":
-            tls = make_test_certs(Path(tempfile.mkdtemp(prefix="mona-flwr-certs-")))
+            auto_certs = Path(tempfile.mkdtemp(prefix="mona-flwr-certs-"))
+            tls = make_test_certs(auto_certs, nodes=args.nodes if args.auth else 0, days=2)
         elif args.tls:
             tls = Path(args.tls)
-            missing = [n for n in ("ca.crt", "server.pem", "server.key") if not (tls / n).is_file()]
-            if missing:
-                print(f"deploy_local: error: --tls {tls} lacks {', '.join(missing)}", file=sys.stderr)
-                return 2
-        res = deploy(cfg, args.nodes, run_dir, timeout_s=args.timeout, keep=args.keep, probe_mb=args.probe, tls_dir=tls)
+            check_tls_dir(tls, args.nodes if args.auth else 0)
+    except CertError as e:
+        print(f"deploy_local: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        res = deploy(cfg, args.nodes, run_dir, timeout_s=args.timeout, keep=args.keep, probe_mb=args.probe, tls_dir=tls, auth=args.auth)
     except (RuntimeError, subprocess.TimeoutExpired, KeyboardInterrupt) as e:
         print(f"deploy_local: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if auto_certs is not None:
+            shutil.rmtree(auto_certs, ignore_errors=True)  # throw-away keys do not outlive the run
     s = res["summary"]
     print(f"kNN top-1 accuracy: {s['knn_top1']:.2f}%")
     print(f"steps {s['steps']}, {s['wall_s']:.1f} s training, flwr run {res['train_s']:.1f} s; run folder: {run_dir}")
