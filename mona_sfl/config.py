@@ -121,6 +121,7 @@ class RayConfig:
 class FlowerConfig:
     num_supernodes: int = 0  # 0 = fed.num_clients
     step_timeout_s: float = 300.0
+    cpus_per_client: float = 1.0  # simulation: CPUs Ray reserves per ClientApp (actors = CPUs / this)
 
 
 @dataclass(frozen=True)
@@ -513,6 +514,7 @@ def validate(cfg: Config) -> None:
     fl = cfg.flower
     _check(fl.num_supernodes >= 0, f"flower.num_supernodes must be >= 0, got {fl.num_supernodes}")
     _check(fl.step_timeout_s > 0, f"flower.step_timeout_s must be > 0, got {fl.step_timeout_s}")
+    _check(fl.cpus_per_client > 0, f"flower.cpus_per_client must be > 0, got {fl.cpus_per_client}")
 
 
 __all__ = [

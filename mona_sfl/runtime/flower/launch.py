@@ -24,21 +24,24 @@ class _DropDeprecation(logging.Filter):
         return "run_simulation` function is deprecated" not in str(record.getMessage())
 
 
-def simulation_backend_config(cfg: Config, *, cpus_per_client: int = 1) -> dict[str, Any]:
-    """Ray backend settings: one CPU per ClientApp (so 2 run at once on 2 cores), GPU share when CUDA is used."""
+def simulation_backend_config(cfg: Config, *, cpus_per_client: float | None = None) -> dict[str, Any]:
+    """Ray backend settings: ``flower.cpus_per_client`` CPUs per ClientApp (default 1: 2 run at once on 2 cores), GPU share when CUDA is used."""
     import torch
 
+    if cpus_per_client is None:
+        cpus_per_client = cfg.flower.cpus_per_client
     num_gpus = 0.0
     if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
         cpus = os.cpu_count() or 1
-        num_gpus = 1.0 / max(1, min(cfg.flower.num_supernodes or cfg.fed.num_clients, cpus // cpus_per_client))
+        num_gpus = 1.0 / max(1, min(cfg.flower.num_supernodes or cfg.fed.num_clients, int(cpus // cpus_per_client)))
     init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
     if not os.environ.get("RAY_ADDRESS"):
         # ray.init() without an address joins the newest cluster started on this machine
         # (/tmp/ray/ray_current_cluster), e.g. another user's `ray start`: start our own instead.
         # Set RAY_ADDRESS to run the simulation on an existing (multi-node) Ray cluster.
         init_args["address"] = "local"
-    return {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": num_gpus}, "init_args": init_args}
+    num_cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else float(cpus_per_client)
+    return {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}, "init_args": init_args}
 
 
 def train_with_flower(
@@ -84,8 +87,7 @@ def train_with_flower(
                 client_app=client_app,
                 num_supernodes=num_nodes,
                 backend_name="ray",
-                # flower.cpus_per_client, once the config has it (requested); 1 CPU per ClientApp until then
-                backend_config=backend_config or simulation_backend_config(cfg, cpus_per_client=int(getattr(cfg.flower, "cpus_per_client", 1))),
+                backend_config=backend_config or simulation_backend_config(cfg),
             )
         except BaseException:
             if "error" in result:  # the ServerApp's own exception (ConfigError, DataError, ...) beats Flower's wrapper
