@@ -79,8 +79,9 @@ def test_synthetic_options_and_errors() -> None:
 
 
 def test_synthetic_shape_not_colour_defines_class() -> None:
-    # Mean colour carries no class signal: per-class mean RGB is near the global mean.
-    d = make_synthetic(2000, seed=0)
+    # Mean colour carries no class signal: per-class mean RGB is near the global mean
+    # (palette colours are extreme, so a class mean over 500 images varies by ~0.015).
+    d = make_synthetic(5000, seed=0)
     x = d.images.float().mean(dim=(2, 3)) / 255  # (N, 3)
     per_class = torch.stack([x[d.labels == c].mean(0) for c in range(10)])
     assert float((per_class - x.mean(0)).abs().max()) < 0.05
