@@ -35,7 +35,7 @@ from mona_sfl.core.client import Activations, StateDict, sample_clients
 from mona_sfl.core.sync import divergence, fedavg
 from mona_sfl.eval.knn import extract_features, knn_accuracy
 from mona_sfl.eval.linear import linear_probe
-from mona_sfl.interrupt import TrainingStopped, pause_point, set_active_run, stop_requested
+from mona_sfl.interrupt import TrainingStopped, pause_point, rearm, set_active_run, stop_requested
 from mona_sfl.runtime.base import ClientRuntime, make_runtime
 
 log = logging.getLogger("mona_sfl")
@@ -211,7 +211,7 @@ class Trainer:
         return t.checkpoint_minutes > 0 and time.monotonic() - self._last_save >= 60.0 * t.checkpoint_minutes
 
     def _stop(self, signum: int) -> TrainingStopped:
-        log.warning("stopped by signal %d at step %d; checkpoint in %s", signum, self.global_step, self.run_dir)
+        log.info("stopped by signal %d at step %d; checkpoint in %s", signum, self.global_step, self.run_dir)
         return TrainingStopped(signum, self.global_step, self.run_dir)
 
     # ------------------------------------------------------------------ evaluation
@@ -287,6 +287,7 @@ class Trainer:
         cfg = self.cfg
         self._open_run_dir(resumed)
         set_active_run(self.run_dir)
+        rearm()  # the runtime may have replaced the SIGTERM handler (ray.init does)
         t_start = self._t_run_start = time.perf_counter()
         self._last_save = time.monotonic()
         total = self.total_steps

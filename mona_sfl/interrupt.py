@@ -26,6 +26,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # another one (Flower's simulation runs the ServerApp in a thread).
 _state: dict[str, int | None] = {"signum": None, "forced": None}
 _active_run: list[str] = []  # the run folder being trained, for the CLI's messages
+_armed: list[bool] = []  # non-empty inside stop_on_signals()
 
 
 class TrainingStopped(Exception):
@@ -100,6 +101,20 @@ def _handler(signum: int, frame: object) -> None:
         pass
 
 
+def rearm() -> None:
+    """Install the stop handlers again (main thread, inside :func:`stop_on_signals` only).
+
+    ``ray.init`` replaces the SIGTERM handler (a C-level one that aborts the process, and a
+    Python one that exits); the trainer calls this once its runtime is up so that SIGTERM stops
+    cleanly again. Elsewhere than in the main thread it does nothing: under Flower's simulation,
+    whose engine starts Ray in the main thread while the trainer runs in another, SIGTERM stays
+    Ray's (SIGINT still stops cleanly).
+    """
+    if _armed and threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, _handler)
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Turn SIGINT / SIGTERM into stop requests for the duration (main thread only; else a no-op)."""
@@ -109,9 +124,11 @@ def stop_on_signals() -> Iterator[None]:
     _state["signum"] = _state["forced"] = None
     _active_run.clear()
     previous = {s: signal.signal(s, _handler) for s in STOP_SIGNALS}
+    _armed.append(True)
     try:
         yield
     finally:
+        _armed.pop()
         for s, h in previous.items():
             signal.signal(s, h)
         _state["signum"] = None
@@ -153,4 +170,4 @@ def pause_point(point: str, step: int) -> None:
         time.sleep(0.01)
 
 
-__all__ = ["TrainingStopped", "stop_on_signals", "set_active_run", "active_run", "interrupted_exit", "stop_requested", "forced_signal", "request_stop", "signal_name", "pause_point", "pause_wanted"]
+__all__ = ["TrainingStopped", "stop_on_signals", "set_active_run", "active_run", "interrupted_exit", "rearm", "stop_requested", "forced_signal", "request_stop", "signal_name", "pause_point", "pause_wanted"]
