@@ -131,7 +131,10 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
             errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     if errors:
         raise CheckpointError(f"no readable checkpoint in {run_dir} ({'; '.join(errors)}): start a new run")
-    raise CheckpointError(f"no checkpoint in {run_dir}: nothing to resume (was the run started with --out {run_dir}?)")
+    raise CheckpointError(
+        f"no checkpoint in {run_dir}: nothing to resume (was the run started with --out {run_dir}? A run stopped "
+        f"during start-up, before its step-0 checkpoint, has none: delete the folder and start it again)"
+    )
 
 
 def load_run_config(run_dir: Path):  # -> mona_sfl.config.Config
