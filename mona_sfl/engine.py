@@ -134,6 +134,7 @@ class Trainer:
         self._metrics: MetricsLog | None = None
         self._t_run_start = time.perf_counter()
         self._last_save = time.monotonic()  # for train.checkpoint_minutes
+        self._running_since: float | None = None  # perf_counter at run() start (train_time of checkpoints taken meanwhile)
         self.on_step: Any = None  # optional callback(trainer) after every step (benchmarks)
 
     # ------------------------------------------------------------------ run folder
@@ -161,7 +162,7 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "images": self.images,
-            "train_time": self.train_time,
+            "train_time": self.train_time + (time.perf_counter() - self._running_since if self._running_since is not None else 0.0),
             "knn_init": self.knn_init if self.knn_init is not None else -1.0,
             "last_knn": self.last_knn if self.last_knn is not None else -1.0,
             "syncs": self.syncs,
@@ -288,7 +289,7 @@ class Trainer:
         self._open_run_dir(resumed)
         set_active_run(self.run_dir)
         rearm()  # the runtime may have replaced the SIGTERM handler (ray.init does)
-        t_start = self._t_run_start = time.perf_counter()
+        t_start = self._t_run_start = self._running_since = time.perf_counter()
         self._last_save = time.monotonic()
         total = self.total_steps
         progress = Progress(total, enabled=self.progress_enabled)
@@ -319,8 +320,10 @@ class Trainer:
                         self.save()  # training complete; a resume runs the final evaluation
                     raise self._stop(signum)
             self.train_time += time.perf_counter() - t_start
+            self._running_since = None
             summary = self._finish()
         finally:
+            self._running_since = None
             progress.close()
             if self._metrics is not None:
                 self._metrics.close()
