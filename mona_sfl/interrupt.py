@@ -106,9 +106,9 @@ def rearm() -> None:
 
     ``ray.init`` replaces the SIGTERM handler (a C-level one that aborts the process, and a
     Python one that exits); the trainer calls this once its runtime is up so that SIGTERM stops
-    cleanly again. Elsewhere than in the main thread it does nothing: under Flower's simulation,
-    whose engine starts Ray in the main thread while the trainer runs in another, SIGTERM stays
-    Ray's (SIGINT still stops cleanly).
+    cleanly again. Elsewhere than in the main thread it does nothing: under Flower's simulation
+    the trainer runs in another thread, so ``train_with_flower`` starts Ray in the main thread
+    itself, before the engine (which reuses it), and calls this there.
     """
     if _armed and threading.current_thread() is threading.main_thread():
         for s in STOP_SIGNALS:

@@ -3,12 +3,18 @@
 :func:`train_with_flower` runs the ServerApp (the ordinary Trainer with a FlowerRuntime) in
 this process and ``flower.num_supernodes`` virtual SuperNodes on Flower's Ray backend
 (``flwr.simulation.run_simulation``), and returns the run's summary.
+
+Ray is started here, in the main thread, before the engine: its backend then reuses it instead
+of calling ``ray.init`` itself. ``ray.init`` takes over SIGTERM (Ray's handler aborts the
+process); starting it here lets :func:`mona_sfl.interrupt.rearm` put the stop handlers back, so
+that SIGTERM stops a run cleanly (checkpoint, every process ended, exit 143) as SIGINT does.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,6 +48,35 @@ def simulation_backend_config(cfg: Config, *, cpus_per_client: float | None = No
         init_args["address"] = "local"
     num_cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else float(cpus_per_client)
     return {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}, "init_args": init_args}
+
+
+def start_ray_for_simulation(backend_config: dict[str, Any]) -> bool:
+    """``ray.init`` as Flower's Ray backend would call it (its ``init_args``, dashboard off, this
+    process's ``sys.path`` as the workers' PYTHONPATH), here in the calling thread; then the
+    stop handlers are installed again. Returns False (and does nothing) when this process is
+    already connected to Ray.
+
+    There is no setting to bind the local instance to 127.0.0.1: ``ray.init`` replaces a
+    loopback ``_node_ip_address`` with the machine's address. The dashboard, the one HTTP
+    server, stays off.
+    """
+    import ray
+
+    from mona_sfl.interrupt import rearm
+
+    if ray.is_initialized():
+        return False
+    init_args = {str(k).replace("-", "_"): v for k, v in (backend_config.get("init_args") or {}).items()}
+    init_args.setdefault("include_dashboard", False)
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    init_args.setdefault("runtime_env", {"env_vars": {"PYTHONPATH": pythonpath}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO tip
+        ray.init(**init_args)
+    rearm()  # ray.init replaced the SIGTERM handler; a no-op outside stop_on_signals
+    return True
 
 
 def train_with_flower(
@@ -79,15 +114,19 @@ def train_with_flower(
     flwr_log.propagate = False  # Flower prints through its own handler; do not repeat its DEBUG records via root
     quiet = _DropDeprecation()
     flwr_log.addFilter(quiet)
+    backend_config = backend_config or simulation_backend_config(cfg)
+    started_ray = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
+            # Ray in this (the main) thread before the engine, which reuses it: SIGTERM stays ours
+            started_ray = start_ray_for_simulation(backend_config)
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=num_nodes,
                 backend_name="ray",
-                backend_config=backend_config or simulation_backend_config(cfg),
+                backend_config=backend_config,
             )
         except BaseException:
             if "error" in result:  # the ServerApp's own exception (ConfigError, DataError, ...) beats Flower's wrapper
@@ -96,6 +135,10 @@ def train_with_flower(
         finally:
             flwr_log.propagate = propagate
             flwr_log.removeFilter(quiet)
+            if started_ray:  # the backend shuts Ray down when it ends; not when it failed to start
+                import ray
+
+                ray.shutdown()
     if "error" in result:
         raise result["error"]
     if "summary" not in result:
@@ -120,4 +163,4 @@ def resume_with_flower(run_dir: str | Path, progress: bool = True, max_steps: in
     return train_with_flower(cfg, run_dir, progress, resume=True, max_steps=max_steps)
 
 
-__all__ = ["train_with_flower", "resume_with_flower", "simulation_backend_config"]
+__all__ = ["train_with_flower", "resume_with_flower", "simulation_backend_config", "start_ray_for_simulation"]
