@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_overrides
 from mona_sfl import build
 from mona_sfl.checkpoint import CheckpointError
 from mona_sfl.config import ConfigError, load_config
@@ -21,33 +22,10 @@ from mona_sfl.models.split import NUM_CUTS, cut_info
 from mona_sfl.privacy import Decoder, attack_config, attack_front, attack_main, attack_run, aux_indices, upsampling_stages
 from mona_sfl.privacy.attack import _image_hashes
 
-TINY = [
-    "device=cpu",
-    "model.width=0.125",
-    "model.cut=2",
-    "algo.K=64",
-    "algo.dim=16",
-    "algo.hidden_dim=32",
-    "data.synthetic_size=200",
-    "fed.num_clients=2",
-    "fed.sync_every=2",
-    "train.epochs=1",
-    "train.steps_per_epoch=2",
-    "train.batch_size=8",
-    "eval.every=0",
-    "eval.linear=false",
-    "eval.knn_k=10",
-]
+TINY = tiny_overrides("train.epochs=1", "train.steps_per_epoch=2")
 FAST = dict(aux_fraction=0.1, num_test=16, epochs=2, batch_size=8, decoder_width=8, decoder_blocks=1)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread avoids oversubscription on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(*extra: str):

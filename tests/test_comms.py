@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_overrides, train
 from mona_sfl import build
 from mona_sfl.comms import (
     comm_costs,
@@ -21,28 +22,10 @@ from mona_sfl.comms import (
 from mona_sfl.config import load_config
 from mona_sfl.core.sync import fedavg
 
-TINY = [
-    "device=cpu",
-    "model.width=0.125",
-    "algo.K=64",
-    "algo.dim=16",
-    "algo.hidden_dim=32",
-    "data.synthetic_size=200",
-    "fed.num_clients=3",
-    "train.batch_size=4",
-    "eval.every=0",
-    "eval.linear=false",
-    "eval.knn_k=10",
-]
+# steps per epoch from the data, the default epochs and sync cadence
+TINY = tiny_overrides("fed.num_clients=3", "train.batch_size=4", drop=("fed.sync_every", "train.epochs", "train.steps_per_epoch"))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread avoids oversubscription on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(*extra: str):
@@ -202,19 +185,13 @@ def test_table_has_a_row_per_cut(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
 def test_analytic_bytes_equal_ray_counters(tmp_path: Path) -> None:
     """runtime=ray counts the payloads it really ships; with client sampling (catch-up downloads), MocoSFL."""
-    from mona_sfl.engine import Trainer
-
     cfg = tiny_cfg(
         "runtime=ray", "ray.num_actors=1", "seed=1", "fed.sample_ratio=0.67", "train.epochs=4", "train.steps_per_epoch=2",
         "train.max_steps=7", "algo.align_momentum=false", "model.cut=3",
     )
     costs = comm_costs(cfg)
     assert costs.clients_per_step == 2 and costs.catchup_downloads == 2  # epochs [1,2] [0,2] [2,0] [2,1]
-    t = Trainer(cfg, tmp_path / "ray", progress=False)
-    try:
-        s = t.run()
-    finally:
-        t.runtime.close()
+    _, s = train(cfg, tmp_path / "ray")
     assert (s["steps"], s["syncs"]) == (costs.total_steps, costs.total_syncs) == (7, 4)
     assert s["bytes_up"] == costs.counted_up_total
     assert s["bytes_down"] == costs.counted_down_total

@@ -9,39 +9,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+from conftest import assert_same, crash_in_server_step, load_checkpoint, losses, tiny_overrides
 from mona_sfl.checkpoint import read_metrics
 from mona_sfl.cli import main
 from mona_sfl.config import load_config
-from mona_sfl.core.server import Server
 from mona_sfl.engine import Trainer
 
-TINY = [
-    "model.width=0.125",
-    "model.cut=2",
-    "algo.K=64",
-    "algo.dim=16",
-    "algo.hidden_dim=32",
-    "data.synthetic_size=200",
-    "fed.num_clients=2",
-    "fed.sync_every=2",
-    "train.epochs=2",
-    "train.steps_per_epoch=3",
-    "train.batch_size=8",
-    "train.checkpoint_every=2",
-    "eval.every=1",
-    "eval.linear_epochs=2",
-    "eval.knn_k=10",
-]
+# the default device, a kNN monitor every epoch and the linear probe (2 epochs)
+TINY = tiny_overrides("train.checkpoint_every=2", "eval.every=1", "eval.linear_epochs=2", drop=("device", "eval.linear"))
 
 
 def tiny_cfg(*extra: str):
     return load_config(None, TINY + list(extra))
-
-
-def losses(run: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
 
 
 def test_run_folder_contents(tmp_path: Path) -> None:
@@ -62,13 +42,9 @@ def test_run_folder_contents(tmp_path: Path) -> None:
     assert all("ol_ml" in r for r in steps if r.get("sync"))
     assert len([r for r in recs if "knn_top1" in r]) >= 3  # init, per epoch, final
     assert load_config(run / "config.toml") == tiny_cfg()
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt = load_checkpoint(run)
     assert {"server", "clients", "global_online"} <= set(ckpt)
     assert {"online", "momentum", "queue", "optimizer"} <= set(ckpt["server"])
-
-
-class Crash(Exception):
-    pass
 
 
 @pytest.mark.parametrize("align", ["true", "false"])
@@ -78,32 +54,18 @@ def test_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, align:
     Trainer(cfg, full, progress=False).run()
 
     part = tmp_path / "part"
-    original = Server.step
-    calls = {"n": 0}
-
-    def crashing(self, acts):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 6:  # dies in step 6, after the checkpoint at step 4
-            raise Crash()
-        return original(self, acts)
-
-    monkeypatch.setattr(Server, "step", crashing)
-    with pytest.raises(Crash):
+    with crash_in_server_step(monkeypatch, 6):  # dies in step 6, after the checkpoint at step 4
         Trainer(cfg, part, progress=False).run()
-    monkeypatch.setattr(Server, "step", original)
     assert max(s for s, _ in losses(part)) == 5
     trainer = Trainer.resume(part, progress=False)
     assert trainer.global_step == 4
     trainer.run(resumed=True)
 
     assert losses(part) == losses(full)
-    a = torch.load(full / "checkpoint.pt", weights_only=True)
-    b = torch.load(part / "checkpoint.pt", weights_only=True)
-    for k in a["server"]["online"]:
-        assert torch.equal(a["server"]["online"][k], b["server"]["online"][k])
-    for k in a["global_online"]:
-        assert torch.equal(a["global_online"][k], b["global_online"][k])
-    assert torch.equal(a["server"]["queue"]["queue"], b["server"]["queue"]["queue"])
+    a, b = load_checkpoint(full), load_checkpoint(part)
+    assert_same(a["server"]["online"], b["server"]["online"], "server.online")
+    assert_same(a["global_online"], b["global_online"], "global_online")
+    assert_same(a["server"]["queue"]["queue"], b["server"]["queue"]["queue"], "server.queue.queue")
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_same, crash_in_server_step, load_checkpoint, losses, step_records, tiny_overrides
 from mona_sfl import build
-from mona_sfl.checkpoint import read_metrics
 from mona_sfl.config import load_config, replace
 
 flwr = pytest.importorskip("flwr")
@@ -41,20 +41,7 @@ from mona_sfl.runtime.flower.codec import (  # noqa: E402
 from mona_sfl.runtime.flower.run_config import config_from_run_config, config_to_run_config  # noqa: E402
 from mona_sfl.runtime.flower.runtime import FlowerRuntime  # noqa: E402
 
-TINY = [
-    "model.width=0.125",
-    "algo.K=64",
-    "algo.dim=16",
-    "algo.hidden_dim=32",
-    "data.synthetic_size=200",
-    "fed.num_clients=2",
-    "fed.sync_every=2",
-    "train.epochs=2",
-    "train.steps_per_epoch=3",
-    "train.batch_size=8",
-    "eval.linear=false",
-    "eval.every=0",
-]
+TINY = tiny_overrides(drop=("device", "eval.knn_k"))  # the default device and kNN k
 
 
 @pytest.fixture(autouse=True)
@@ -64,49 +51,14 @@ def _flower_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
     monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr_home")))
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Single-threaded torch in this process (see the module docstring)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(*extra: str):
     return load_config(None, TINY + list(extra))
-
-
-def losses(run: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
-
-
-def step_records(run: Path) -> list[dict]:
-    return [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
-
-
-def assert_same(a, b, path: str = "") -> None:
-    """Deep equality with torch.equal on tensors (dtype and shape included)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), f"{path}: max |diff| {(a.double() - b.double()).abs().max()}"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{path}: keys {set(a) ^ set(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def assert_same_checkpoints(a_dir: Path, b_dir: Path, *, same_process: bool = True) -> None:
     """Everything but the runtime name, transport counters and wall time; ``torch_rng`` (the
     process's global generator, which training never draws from) only for runs in this process."""
-    a = torch.load(a_dir / "checkpoint.pt", weights_only=True)
-    b = torch.load(b_dir / "checkpoint.pt", weights_only=True)
+    a, b = load_checkpoint(a_dir), load_checkpoint(b_dir)
     skip = {"config", "bytes", "train_time"} | (set() if same_process else {"torch_rng"})
     for key in a:
         if key in skip:
@@ -314,13 +266,12 @@ def test_fake_grid_batchnorm_statistics_match_local(tmp_path: Path, one_thread, 
     Trainer(fcfg, tmp_path / "flower", progress=False, runtime=rt).run()
     assert losses(tmp_path / "flower") == losses(tmp_path / "local")
     assert_same_checkpoints(tmp_path / "local", tmp_path / "flower")
-    ckpt = torch.load(tmp_path / "flower" / "checkpoint.pt", weights_only=True)
+    ckpt = load_checkpoint(tmp_path / "flower")
     assert any("running_mean" in k for k in ckpt["global_online"])
 
 
 def test_resume_on_fresh_supernodes_is_exact(tmp_path: Path, one_thread, task_identity, monkeypatch: pytest.MonkeyPatch) -> None:
     """Crash in step 6, resume from the step-4 checkpoint on new nodes (empty contexts): same as uninterrupted."""
-    from mona_sfl.core.server import Server
     from mona_sfl.runtime.flower.server_app import flower_trainer
 
     cfg = tiny("train.checkpoint_every=2")
@@ -329,19 +280,9 @@ def test_resume_on_fresh_supernodes_is_exact(tmp_path: Path, one_thread, task_id
 
     fcfg = replace(cfg, runtime="flower")
     app = make_client_app(config_to_run_config(fcfg))
-    original, calls = Server.step, {"n": 0}
-
-    def crashing(self, acts):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise RuntimeError("server crash")
-        return original(self, acts)
-
-    monkeypatch.setattr(Server, "step", crashing)
     part = tmp_path / "part"
-    with pytest.raises(RuntimeError, match="server crash"):
+    with crash_in_server_step(monkeypatch, 6):
         flower_trainer(FakeGrid(app, 2))(fcfg, part, progress=False).run()
-    monkeypatch.setattr(Server, "step", original)
     trainer = flower_trainer(FakeGrid(app, 2)).resume(part, progress=False)  # new SuperNodes, empty state
     assert trainer.global_step == 4
     trainer.run(resumed=True)

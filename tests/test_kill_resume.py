@@ -26,31 +26,15 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import assert_same, crash_in_server_step, load_checkpoint, step_records, tiny_overrides
 from mona_sfl.checkpoint import MetricsLog, read_metrics, save_checkpoint, truncate_metrics
 from mona_sfl.config import ConfigError, load_config
-from mona_sfl.core.server import Server
 from mona_sfl.engine import Trainer
 
-TINY = [
-    "device=cpu",
-    "model.width=0.125",
-    "model.cut=2",
-    "algo.K=32",
-    "algo.dim=16",
-    "algo.hidden_dim=32",
-    "data.synthetic_size=120",
-    "data.image_size=16",
-    "fed.num_clients=3",
-    "fed.sync_every=2",
-    "train.epochs=2",
-    "train.steps_per_epoch=6",
-    "train.batch_size=4",
-    "train.checkpoint_every=3",
-    "eval.every=0",
-    "eval.linear=false",
-    "eval.knn_k=5",
-    "eval.batch_size=64",
-]
+TINY = tiny_overrides(
+    "algo.K=32", "data.synthetic_size=120", "data.image_size=16", "fed.num_clients=3", "train.steps_per_epoch=6",
+    "train.batch_size=4", "train.checkpoint_every=3", "eval.knn_k=5", "eval.batch_size=64",
+)
 RAY = ["runtime=ray", "ray.num_actors=1", "ray.cpus_per_actor=1"]
 TIMEOUT = 240  # seconds for one subprocess phase, on a loaded 2-core machine
 
@@ -158,38 +142,19 @@ def end_leftovers(procs: list[tuple[int, str]]) -> None:
 
 
 # ----------------------------------------------------------------------------- comparisons
-def ckpt(run: Path, name: str = "checkpoint.pt") -> dict[str, Any]:
-    return torch.load(run / name, map_location="cpu", weights_only=True)
-
-
 def ckpt_step(run: Path, name: str = "checkpoint.pt") -> int:
-    return int(ckpt(run, name)["global_step"])
+    return int(load_checkpoint(run, name)["global_step"])
 
 
 def loss_steps(run: Path) -> list[int]:
-    return [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
-
-
-def assert_same(a: Any, b: Any, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
+    return [r["step"] for r in step_records(run)]
 
 
 def assert_same_run(ref: Path, run: Path, *, same_runtime: bool = True) -> None:
     """Every metrics record (losses, syncs, final kNN), final weights, client state and summary figures."""
     assert read_metrics(run / "metrics.jsonl") == read_metrics(ref / "metrics.jsonl")
     assert (run / "metrics.jsonl").read_text() == (ref / "metrics.jsonl").read_text()  # no torn or duplicate lines either
-    a, b = ckpt(ref), ckpt(run)
+    a, b = load_checkpoint(ref), load_checkpoint(run)
     # not torch_rng: torch seeds its global generator differently in every process, and training
     # does not draw from it (the checkpoint restores it all the same)
     keys = ["server", "global_online", "epoch", "step_in_epoch", "global_step", "images", "syncs", "metrics_records"]
@@ -357,10 +322,6 @@ def test_ray_sigkill_and_sigterm_then_resume_matches_local(tmp_path: Path, refer
 
 
 # ----------------------------------------------------------------------------- in-process pieces
-class Crash(Exception):
-    pass
-
-
 def test_checkpoint_minutes_cadence_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A time-based cadence (here: due at every step) changes when state is saved, not the run."""
     full = tmp_path / "full"
@@ -368,23 +329,13 @@ def test_checkpoint_minutes_cadence_resume_is_exact(tmp_path: Path, monkeypatch:
 
     cfg = load_config(None, TINY + ["train.checkpoint_every=0", "train.checkpoint_minutes=1e-9"])
     part = tmp_path / "part"
-    original, calls = Server.step, {"n": 0}
-
-    def crashing(self, acts):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise Crash()  # dies in step 5
-        return original(self, acts)
-
-    monkeypatch.setattr(Server, "step", crashing)
-    with pytest.raises(Crash):
+    with crash_in_server_step(monkeypatch, 5):  # dies in step 5
         Trainer(cfg, part, progress=False).run()
-    monkeypatch.setattr(Server, "step", original)
     assert ckpt_step(part) == 4  # the time cadence checkpointed step 4 (not a multiple of anything else)
     t = Trainer.resume(part, progress=False)
     t.run(resumed=True)
     assert read_metrics(part / "metrics.jsonl") == read_metrics(full / "metrics.jsonl")
-    a, b = ckpt(full), ckpt(part)
+    a, b = load_checkpoint(full), load_checkpoint(part)
     for k in ("server", "global_online", "clients", "torch_rng", "metrics_records"):  # one process: one torch_rng
         assert_same(a[k], b[k], k)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -47,13 +46,7 @@ MOBILENET_SHAPES = (
 MOBILENET_CLIENT_PARAMS = (928, 1_824, 15_792, 55_488, 239_360, 542_528, 1_337_792, 1_811_712, 2_223_872)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The tensors here are tiny: intra-op threads only add overhead (and jitter on busy CPUs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:

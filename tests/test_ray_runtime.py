@@ -20,69 +20,19 @@ import torch
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 ray = pytest.importorskip("ray")
 
-from mona_sfl.checkpoint import read_metrics  # noqa: E402
+from conftest import assert_same, load_checkpoint, losses, step_records, tiny_overrides, train  # noqa: E402
 from mona_sfl.config import ConfigError, load_config  # noqa: E402
 from mona_sfl.core.client import sample_clients  # noqa: E402
 from mona_sfl.engine import AllClientsLost, Trainer  # noqa: E402
 from mona_sfl.models import cut_info  # noqa: E402
 from mona_sfl.runtime.ray_runtime import RayRuntime, check_address, drain_pool  # noqa: E402
 
-TINY = [
-    "model.width=0.125",
-    "model.cut=2",
-    "algo.K=64",
-    "algo.dim=16",
-    "algo.hidden_dim=32",
-    "data.synthetic_size=200",
-    "fed.num_clients=3",
-    "fed.sync_every=2",
-    "train.epochs=2",
-    "train.steps_per_epoch=3",
-    "train.batch_size=8",
-    "eval.linear=false",
-    "eval.every=0",
-    "eval.knn_k=10",
-    "device=cpu",
-    "ray.num_actors=2",  # clients 0, 2 in actor 0; client 1 in actor 1
-]
+TINY = tiny_overrides("fed.num_clients=3", "ray.num_actors=2")  # clients 0, 2 in actor 0; client 1 in actor 1
 LOGGER = "mona_sfl.runtime.ray"
 
 
 def tiny_cfg(*extra: str):
     return load_config(None, TINY + list(extra))
-
-
-def step_records(run: Path) -> list[dict[str, Any]]:
-    return [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
-
-
-def losses(run: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in step_records(run)]
-
-
-def assert_same(a: Any, b: Any, where: str = "") -> None:
-    """Exact (bitwise for tensors) equality of nested checkpoint structures."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-def train(cfg, out: Path, runtime=None, **kw: Any) -> tuple[Trainer, dict[str, Any]]:
-    t = Trainer(cfg, out, progress=False, runtime=runtime, **kw)
-    try:
-        summary = t.run()
-    finally:
-        t.runtime.close()
-    return t, summary
 
 
 MB = 1024 * 1024
@@ -142,8 +92,7 @@ def test_ray_equals_local_exactly(reference: dict[str, Any]) -> None:
     assert [r["step"] for r in ray_] == [1, 2, 3, 4, 5, 6]
     assert all(r["clients"] == 3 for r in ray_)
     assert ray_ == loc  # bitwise: losses, sync flags and divergence metrics
-    a = torch.load(reference["local"] / "checkpoint.pt", weights_only=True)
-    b = torch.load(reference["ray"] / "checkpoint.pt", weights_only=True)
+    a, b = load_checkpoint(reference["local"]), load_checkpoint(reference["ray"])
     assert_same(a["server"], b["server"], "server")
     assert_same(a["global_online"], b["global_online"], "global_online")
     # the gathered client state equals the local group's (records, streams, globals)
@@ -203,8 +152,7 @@ def test_mocosfl_with_client_sampling_equals_local(tmp_path: Path, reference: di
     t, s = train(tiny_cfg("runtime=ray", *extra), tmp_path / "ray")
     assert step_records(tmp_path / "ray") == step_records(tmp_path / "local")
     assert all(r["clients"] == 2 for r in step_records(tmp_path / "ray"))
-    a = torch.load(tmp_path / "local" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "ray" / "checkpoint.pt", weights_only=True)
+    a, b = load_checkpoint(tmp_path / "local"), load_checkpoint(tmp_path / "ray")
     b["clients"].pop("ray")
     assert_same(a["clients"], b["clients"], "clients")
     assert_same(a["server"], b["server"], "server")
@@ -262,7 +210,7 @@ def test_all_actors_killed_then_resume_is_exact(tmp_path: Path, reference: dict[
     with pytest.raises(AllClientsLost):
         train(cfg, run, runtime=rt)
     assert "actor 0" in caplog.text and "actor 1" in caplog.text
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt = load_checkpoint(run)
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 3
 
     t = Trainer.resume(run, progress=False)
@@ -271,8 +219,7 @@ def test_all_actors_killed_then_resume_is_exact(tmp_path: Path, reference: dict[
     finally:
         t.runtime.close()
     assert losses(run) == losses(reference["local"])
-    a = torch.load(reference["local"] / "checkpoint.pt", weights_only=True)
-    b = torch.load(run / "checkpoint.pt", weights_only=True)
+    a, b = load_checkpoint(reference["local"]), load_checkpoint(run)
     assert_same(a["server"], b["server"], "server")
     assert_same(a["global_online"], b["global_online"], "global_online")
     assert b["bytes"] == reference["trainer"].runtime.bytes  # byte counters survive the resume

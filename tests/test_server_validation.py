@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_same, step_records
 from mona_sfl import build
-from mona_sfl.checkpoint import read_metrics
 from mona_sfl.config import load_config
 from mona_sfl.core.client import Activations
 from mona_sfl.core.server import ActivationSpec, ActivationsRejected, Server
@@ -110,23 +110,6 @@ def _state(srv: Server) -> dict:
     }
 
 
-def assert_same(x: object, y: object, where: str = "") -> None:
-    """Exact (bitwise) equality of nested states."""
-    if isinstance(x, torch.Tensor):
-        assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape, where
-        assert torch.equal(x, y), where
-    elif isinstance(x, dict):
-        assert isinstance(y, dict) and list(x) == list(y), where
-        for k in x:
-            assert_same(x[k], y[k], f"{where}.{k}")
-    elif isinstance(x, (list, tuple)):
-        assert isinstance(y, (list, tuple)) and len(x) == len(y), where
-        for i, (a, b) in enumerate(zip(x, y)):
-            assert_same(a, b, f"{where}[{i}]")
-    else:
-        assert x == y, where
-
-
 @pytest.mark.parametrize("kind, make, phrase", BAD, ids=[b[0] for b in BAD])
 def test_bad_client_is_dropped_and_nothing_else_changes(fresh: Server, kind: str, make, phrase: str, caplog: pytest.LogCaptureFixture) -> None:
     a0, a1, a2 = good(0, 4, 7), good(1, 3, 8), good(2, 2, 9)  # unequal batches
@@ -141,7 +124,7 @@ def test_bad_client_is_dropped_and_nothing_else_changes(fresh: Server, kind: str
     assert res.loss == ref.loss and res.rows == ref.rows
     for cid in (0, 2):
         assert torch.equal(res.grads[cid], ref.grads[cid])
-    assert_same(_state(with_bad), _state(without))
+    assert_same(_state(with_bad), _state(without), key_order=True)
     assert int(with_bad.queue.ptr) == int(without.queue.ptr)
     assert any("rejected the activations of client" in r.getMessage() and phrase in r.getMessage() for r in caplog.records)
 
@@ -154,7 +137,7 @@ def test_only_bad_clients_leave_the_server_untouched(fresh: Server, kind: str, m
     with pytest.raises(ActivationsRejected, match="no valid client activations") as e:
         srv.step(bad if isinstance(bad, list) else [bad])
     assert phrase in str(e.value)
-    assert_same(_state(srv), before)
+    assert_same(_state(srv), before, key_order=True)
 
 
 def test_empty_step_is_refused_before_any_change(fresh: Server) -> None:
@@ -162,7 +145,7 @@ def test_empty_step_is_refused_before_any_change(fresh: Server) -> None:
     before = copy.deepcopy(_state(srv))
     with pytest.raises(ActivationsRejected, match="no client activations reached the server"):
         srv.step([])
-    assert_same(_state(srv), before)
+    assert_same(_state(srv), before, key_order=True)
 
 
 def test_spec_follows_the_config(cfg) -> None:
@@ -204,7 +187,7 @@ def test_engine_drops_the_client_for_one_step_and_goes_on(tmp_path: Path, caplog
     with caplog.at_level(logging.WARNING, logger="mona_sfl.server"):
         summary = trainer.run()
     assert summary["steps"] == 3
-    clients = [r["clients"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    clients = [r["clients"] for r in step_records(tmp_path / "run")]
     assert clients == [3, 2, 3]
     assert any("client 1" in r.getMessage() and "non-finite" in r.getMessage() for r in caplog.records)
 
@@ -285,4 +268,4 @@ def test_flower_good_reply_round_trips_and_feeds_the_server(cfg, fresh: Server) 
     s1, s2 = copy.deepcopy(fresh), copy.deepcopy(fresh)
     r1, r2 = s1.step([got[0], got[1]]), s2.step([a0, a1])
     assert r1.loss == r2.loss and not r1.rejected
-    assert_same(_state(s1), _state(s2))
+    assert_same(_state(s1), _state(s2), key_order=True)

@@ -1,0 +1,135 @@
+"""Helpers shared by the test modules: the tiny run's config overrides, reading a run's
+metrics and checkpoints, exact comparison of nested states, one torch thread, and a server
+step that crashes on purpose.
+
+Test modules import the plain functions with ``from conftest import ...`` (pytest puts this
+folder on ``sys.path``); ``one_thread`` is a fixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mona_sfl.checkpoint import read_metrics
+
+# The tiny run: seconds on one CPU thread. Modules change or drop entries with tiny_overrides.
+TINY: dict[str, str] = {
+    "device": "cpu",
+    "model.width": "0.125",
+    "model.cut": "2",
+    "algo.K": "64",
+    "algo.dim": "16",
+    "algo.hidden_dim": "32",
+    "data.synthetic_size": "200",
+    "fed.num_clients": "2",
+    "fed.sync_every": "2",
+    "train.epochs": "2",
+    "train.steps_per_epoch": "3",
+    "train.batch_size": "8",
+    "eval.every": "0",
+    "eval.linear": "false",
+    "eval.knn_k": "10",
+}
+
+
+def tiny_overrides(*changes: str, drop: Iterable[str] = ()) -> list[str]:
+    """The tiny run's ``key=value`` overrides; each of ``changes`` (``key=value``) replaces the
+    entry of its key or is added, and the keys in ``drop`` are left out (their defaults apply)."""
+    entries = dict(TINY)
+    for key in drop:
+        del entries[key]  # a KeyError: not a key of the tiny run
+    for change in changes:
+        key, _, value = change.partition("=")
+        entries[key] = value
+    return [f"{k}={v}" for k, v in entries.items()]
+
+
+# ----------------------------------------------------------------------------- a run's files
+def step_records(run: Path) -> list[dict[str, Any]]:
+    """The per-step records of a run's metrics.jsonl."""
+    return [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in step_records(run)]
+
+
+def load_checkpoint(run: Path, name: str = "checkpoint.pt") -> dict[str, Any]:
+    return torch.load(run / name, map_location="cpu", weights_only=True)
+
+
+def train(cfg: Any, out: Path, runtime: Any = None, **kw: Any) -> tuple[Any, dict[str, Any]]:
+    """Train ``cfg`` into ``out`` without a progress bar; the runtime is closed afterwards."""
+    from mona_sfl.engine import Trainer
+
+    t = Trainer(cfg, out, progress=False, runtime=runtime, **kw)
+    try:
+        summary = t.run()
+    finally:
+        t.runtime.close()
+    return t, summary
+
+
+# ----------------------------------------------------------------------------- exact comparison
+def assert_same(a: Any, b: Any, where: str = "", *, key_order: bool = False) -> None:
+    """Exact equality of nested states: tensors bitwise, with the same dtype and shape; dicts
+    with the same keys (and, with ``key_order``, in the same order); lists and tuples item by
+    item; anything else with ``==``."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where}: max |diff| {(a.double() - b.double()).abs().max()}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
+        assert not key_order or list(a) == list(b), f"{where}: key order {list(a)} != {list(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}", key_order=key_order)
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]", key_order=key_order)
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module: tiny tensors gain nothing from intra-op threads (and
+    suffer on a busy machine), and bit-exact comparisons with single-threaded workers need it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- injected faults
+class Crash(Exception):
+    """The failure :func:`crash_in_server_step` injects."""
+
+
+@contextlib.contextmanager
+def crash_in_server_step(monkeypatch: pytest.MonkeyPatch, n: int) -> Iterator[None]:
+    """The n-th ``Server.step`` call inside the block raises :class:`Crash`, which must end the
+    block; the real ``Server.step`` is back afterwards."""
+    from mona_sfl.core.server import Server
+
+    original, calls = Server.step, {"n": 0}
+
+    def crashing(self, acts):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Crash(f"server crash in step call {n}")
+        return original(self, acts)
+
+    monkeypatch.setattr(Server, "step", crashing)
+    try:
+        with pytest.raises(Crash):
+            yield
+    finally:
+        monkeypatch.setattr(Server, "step", original)
