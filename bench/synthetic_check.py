@@ -12,11 +12,13 @@ Prints:
   - MoCo v2 augmentation throughput (TwoViews.augment, one view per image);
 and writes a PNG grid with one row per class. On a busy machine, pass --threads 1.
 
-Measured with ``--threads 1 --seconds 120`` on the shared 2-core dev box (load average ~7,
-so wall times are inflated), 10 classes, 10,000 train / 2,000 test, chance 10%:
-(a) raw pixels 24.6%; (c) random-init torchvision resnet18 30.1%, CIFAR ResNet width 16
-21.9%, small convnet 21.5% (means of 3 inits); (b) supervised small convnet 62.9% after
-1 epoch, 82.6% after 2 epochs (152 s wall, 75 s CPU).
+Measured with ``--threads 1 --seconds 120`` on the 2-core dev box (quiet), palette colours
+(the current generator), 10 classes, 10,000 train / 2,000 test, chance 10%:
+(a) raw pixels 35.9%; (c) random-init torchvision resnet18 43.8%, CIFAR ResNet width 16
+39.3%, small convnet (BatchNorm) 41.8% (means of 3 inits); (b) supervised small convnet
+69.6% after 1 epoch, 95.2% after 4 epochs (120 s wall). The first generator (a unique RGB
+pair per image) gave 24.6% / 30.1% / 21.9% / 21.5% here, but a short MoCo run could not beat
+its colour shortcut (see ``mona_sfl/data/synthetic.py``).
 """
 
 from __future__ import annotations

@@ -15,8 +15,12 @@ Everything else is drawn at random per image and carries no label information:
 - a smooth low-frequency colour texture on the background and per-pixel uniform noise.
 
 Colour and position dominate raw pixels, so kNN on pixels or on a random conv net's pooled
-features is far from the classes, while features that are invariant to MoCo v2's colour
-jitter and crops separate them. ``bench/synthetic_check.py`` measures this.
+features is far from what a supervised net reaches, while features that are invariant to
+MoCo v2's colour jitter and crops separate the classes. ``bench/synthetic_check.py``
+measures this (10 classes: raw-pixel kNN 36%, random BatchNorm nets 39-44%, a small
+supervised CNN 95% after 2 minutes on one core). The GroupNorm + weight-standardised
+ResNet-18 at width 1/8 of the main job starts at 13% kNN (projector features) and its
+short MoCo run reaches 23%.
 
 Why a palette and not any RGB pair: contrastive learning discriminates *instances*, and
 takes the cheapest cue that survives the augmentations. With a unique colour pair per image
