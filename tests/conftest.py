@@ -1,6 +1,6 @@
 """Helpers shared by the test modules: the tiny run's config overrides, reading a run's
-metrics and checkpoints, exact comparison of nested states, one torch thread, and a server
-step that crashes on purpose.
+metrics and checkpoints, exact comparison of nested states, one torch thread, a server
+step that crashes on purpose, and the processes a subprocess run started (Linux ``/proc``).
 
 Test modules import the plain functions with ``from conftest import ...`` (pytest puts this
 folder on ``sys.path``); ``one_thread`` is a fixture.
@@ -9,6 +9,9 @@ folder on ``sys.path``); ``one_thread`` is a fixture.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -133,3 +136,59 @@ def crash_in_server_step(monkeypatch: pytest.MonkeyPatch, n: int) -> Iterator[No
             yield
     finally:
         monkeypatch.setattr(Server, "step", original)
+
+
+# ----------------------------------------------------------------------------- processes
+def _stat(pid: int) -> tuple[int, str, int, str] | None:
+    """(parent pid, state, session id, start time) of a live process, or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = text[text.rindex(")") + 2 :].split()
+    return int(rest[1]), rest[0], int(rest[3]), rest[19]
+
+
+def processes() -> dict[int, tuple[int, str, int, str]]:
+    """Every live process: pid -> (parent pid, state, session id, start time); empty without /proc."""
+    if not Path("/proc").is_dir():
+        return {}
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit() and (st := _stat(int(d))) is not None:
+            out[int(d)] = st
+    return out
+
+
+def started_by(pid: int) -> list[tuple[int, str]]:
+    """(pid, start time) of every live process below ``pid``, or in its session if it leads one."""
+    procs = processes()
+    kids: dict[int, list[int]] = {}
+    for p, st in procs.items():
+        kids.setdefault(st[0], []).append(p)
+    found = {p for p, st in procs.items() if st[2] == pid and p != pid}
+    todo = [pid]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return [(p, procs[p][3]) for p in sorted(found)]
+
+
+def still_running(procs: list[tuple[int, str]], grace_s: float = 30.0) -> list[int]:
+    """Those of ``procs`` (pid, start time) still alive (same start time, not zombies) after up to ``grace_s``."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        alive = [p for p, start in procs if (st := _stat(p)) is not None and st[3] == start and st[1] != "Z"]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def end_leftovers(procs: list[tuple[int, str]]) -> None:
+    """SIGKILL those of ``procs`` that are still there (by pid, after checking the start time)."""
+    for p in still_running(procs, grace_s=0):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass

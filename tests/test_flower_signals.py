@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import end_leftovers, processes, started_by, still_running
 from mona_sfl.checkpoint import read_metrics
 
 pytest.importorskip("flwr")
@@ -53,54 +54,11 @@ TINY_FLOWER = [
 TIMEOUT = 300  # seconds for one subprocess phase (Ray start-up included) on a loaded 2-core machine
 
 
-def _stat(pid: int) -> tuple[int, str, int, str] | None:
-    """(parent pid, state, session id, start time) of a live process, or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = text[text.rindex(")") + 2 :].split()
-    return int(rest[1]), rest[0], int(rest[3]), rest[19]
-
-
-def _processes() -> dict[int, tuple[int, str, int, str]]:
-    out = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit() and (st := _stat(int(d))) is not None:
-            out[int(d)] = st
-    return out
-
-
-def started_by(pid: int) -> list[tuple[int, str]]:
-    """(pid, start time) of every live process below ``pid`` or in its session (it leads one)."""
-    procs = _processes()
-    kids: dict[int, list[int]] = {}
-    for p, st in procs.items():
-        kids.setdefault(st[0], []).append(p)
-    found = {p for p, st in procs.items() if st[2] == pid and p != pid}
-    todo = [pid]
-    while todo:
-        for child in kids.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return [(p, procs[p][3]) for p in sorted(found) if p in procs]
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_text(errors="replace").lower()
     except OSError:
         return ""
-
-
-def alive(procs: list[tuple[int, str]], grace_s: float = 30.0) -> list[int]:
-    """Those of ``procs`` still running (same start time, not zombies) after up to ``grace_s``."""
-    deadline = time.monotonic() + grace_s
-    while True:
-        left = [p for p, start in procs if (st := _stat(p)) is not None and st[3] == start and st[1] != "Z"]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.2)
 
 
 class Run:
@@ -152,7 +110,7 @@ class Run:
 
     def session_left(self) -> list[int]:
         """Live processes still in the run's session once it has ended."""
-        return [pid for pid, st in _processes().items() if st[2] == self.proc.pid and st[1] != "Z"]
+        return [pid for pid, st in processes().items() if st[2] == self.proc.pid and st[1] != "Z"]
 
     def end(self) -> None:
         """Kill what is left of this run (by pid, after checking the start time)."""
@@ -160,11 +118,7 @@ class Run:
             self.look()
             self.proc.kill()
             self.proc.wait(timeout=30)
-        for p in alive(self.seen, grace_s=0):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except OSError:
-                pass
+        end_leftovers(self.seen)
 
 
 def loss_steps(run: Path) -> list[int]:
@@ -189,7 +143,7 @@ def test_flower_simulation_sigterm_checkpoints_stops_everything_then_resume_comp
         assert "SIGTERM" in err and f"continue with: mona-sfl train --resume {run}" in err and "Traceback" not in err, err[-3000:]
         assert int(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["global_step"]) == 2
         assert loss_steps(run) == [1, 2]
-        assert alive(p.seen) == [], "SIGTERM should end every process the run started (Ray, ClientApp actors)"
+        assert still_running(p.seen) == [], "SIGTERM should end every process the run started (Ray, ClientApp actors)"
         assert p.session_left() == [], "processes left in the run's session"
 
         r = Run(tmp_path, run, resume=True)
@@ -198,7 +152,7 @@ def test_flower_simulation_sigterm_checkpoints_stops_everything_then_resume_comp
         assert rc == 0, r.stderr[-3000:]
         assert loss_steps(run) == [1, 2, 3, 4, 5, 6]  # no gaps, no duplicates
         assert (run / "summary.json").exists()
-        assert alive(r.seen) == [] and r.session_left() == []
+        assert still_running(r.seen) == [] and r.session_left() == []
     finally:
         for x in runs:
             x.end()

@@ -26,7 +26,16 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import assert_same, crash_in_server_step, load_checkpoint, step_records, tiny_overrides
+from conftest import (
+    assert_same,
+    crash_in_server_step,
+    end_leftovers,
+    load_checkpoint,
+    started_by,
+    step_records,
+    still_running,
+    tiny_overrides,
+)
 from mona_sfl.checkpoint import MetricsLog, read_metrics, save_checkpoint, truncate_metrics
 from mona_sfl.config import ConfigError, load_config
 from mona_sfl.engine import Trainer
@@ -78,7 +87,7 @@ class Run:
                 self.proc.kill()
                 pytest.fail(f"no pause within {TIMEOUT}s:\n{self.stderr[-3000:]}")
             time.sleep(0.02)
-        self.children = descendants(self.proc.pid)
+        self.children = started_by(self.proc.pid)
         return self.marker.read_text().split()[0]
 
     def release(self) -> None:
@@ -94,51 +103,6 @@ class Run:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             pytest.fail(f"the run did not finish within {TIMEOUT}s:\n{self.stderr[-3000:]}")
-
-
-def _stat(pid: int) -> tuple[int, str, str] | None:
-    """(parent pid, state, start time) of a live process, or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = text[text.rindex(")") + 2 :].split()
-    return int(rest[1]), rest[0], rest[19]
-
-
-def descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, start time) of every process below ``pid`` (Linux /proc; empty elsewhere)."""
-    kids: dict[int, list[tuple[int, str]]] = {}
-    if not Path("/proc").is_dir():
-        return []
-    for d in os.listdir("/proc"):
-        if d.isdigit() and (st := _stat(int(d))) is not None:
-            kids.setdefault(st[0], []).append((int(d), st[2]))
-    out, todo = [], [pid]
-    while todo:
-        for child in kids.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child[0])
-    return out
-
-
-def still_running(procs: list[tuple[int, str]], grace_s: float = 30.0) -> list[int]:
-    """Those of ``procs`` (pid, start time) still alive (not zombies) after up to ``grace_s``."""
-    deadline = time.monotonic() + grace_s
-    while True:
-        alive = [p for p, start in procs if (st := _stat(p)) is not None and st[2] == start and st[1] != "Z"]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.2)
-
-
-def end_leftovers(procs: list[tuple[int, str]]) -> None:
-    """SIGKILL processes this test started that are still there (by pid, after checking start time)."""
-    for p in still_running(procs, grace_s=0):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 # ----------------------------------------------------------------------------- comparisons
