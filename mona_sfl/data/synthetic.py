@@ -278,7 +278,8 @@ def colour_pairs() -> np.ndarray:
 
 def _colours(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(fg, bg) RGB in [0, 1]: a uniformly drawn palette pair plus a per-channel offset."""
-    pairs = colour_pairs()[rng.integers(0, len(colour_pairs()), n)]
+    table = colour_pairs()
+    pairs = table[rng.integers(0, len(table), n)]
     fg = np.clip(PALETTE[pairs[:, 0]] + rng.uniform(-_COLOUR_JITTER, _COLOUR_JITTER, (n, 3)), 0.0, 1.0)
     bg = np.clip(PALETTE[pairs[:, 1]] + rng.uniform(-_COLOUR_JITTER, _COLOUR_JITTER, (n, 3)), 0.0, 1.0)
     return fg, bg
