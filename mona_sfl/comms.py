@@ -344,7 +344,7 @@ def comm_table(cfg: Config, *, steps_per_epoch: int | None = None, num_train: in
         f"{cfg.fed.num_clients} clients per step",
         f"{r0.total_steps} steps ({r0.steps_per_epoch}/epoch), {r0.total_syncs} syncs ({r0.syncs_per_epoch}/epoch"
         + (f", sync every {cfg.fed.sync_every} steps" if cfg.fed.sync_every else ", at epoch ends")
-        + f"), float32; up/down/sync per participating client, epoch/total over all clients",
+        + "), float32; up/down/sync per participating client, epoch/total over all clients",
     ]
     cols = ["cut", "activation", "client params", "up/step", "down/step", "sync", "epoch", "total"]
     table = []

@@ -24,13 +24,12 @@ from mona_sfl.config import load_config, replace
 
 flwr = pytest.importorskip("flwr")
 
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict  # noqa: E402
+from flwr.app import Array, Context, Message, RecordDict  # noqa: E402
 from flwr.app.error import Error  # noqa: E402
 
 from mona_sfl.engine import Trainer  # noqa: E402
 from mona_sfl.runtime.flower.client_app import make_client_app  # noqa: E402
 from mona_sfl.runtime.flower.codec import (  # noqa: E402
-    array_to_tensor,
     record_bytes,
     record_to_state_dict,
     records_to_tree,

@@ -59,7 +59,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import torch
 from torch import Tensor, nn
 from torchvision.models._utils import _make_divisible
 from torchvision.models.mobilenetv2 import MobileNetV2
