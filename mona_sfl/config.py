@@ -70,7 +70,7 @@ class DataConfig:
     image_size: int = 32
     blur: bool = True  # Gaussian blur in the MoCo v2 augmentation
     crop_min: float = 0.08  # RandomResizedCrop scale lower bound (reference: torchvision's 0.08)
-    test_size: int = 0  # evaluate on the first N test images (0 = all)
+    test_size: int = 0  # evaluate on N test images, a fixed class-stratified draw (0 = all)
     bank_size: int = 0  # kNN bank / probe train set: N seeded training images (0 = all)
 
 
@@ -99,6 +99,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 1  # kNN monitor every N epochs (0 = only at the end)
+    every_steps: int = 0  # also every N training steps (0 = off), for learning curves
     knn_k: int = 200
     knn_t: float = 0.1
     knn_features: str = "projector"  # projector (reference) | backbone
@@ -499,6 +500,7 @@ def validate(cfg: Config) -> None:
 
     e = cfg.eval
     _check(e.every >= 0, f"eval.every must be >= 0 (0 = only at the end), got {e.every}")
+    _check(e.every_steps >= 0, f"eval.every_steps must be >= 0 (0 = off), got {e.every_steps}")
     _check(e.knn_k >= 1, f"eval.knn_k must be >= 1, got {e.knn_k}")
     _check(e.knn_t > 0, f"eval.knn_t must be > 0, got {e.knn_t}")
     _choice("eval.knn_features", e.knn_features, KNN_FEATURES)

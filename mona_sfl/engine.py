@@ -33,7 +33,7 @@ from mona_sfl.checkpoint import (
 from mona_sfl.config import Config, dumps_toml, to_flat
 from mona_sfl.core.client import Activations, StateDict, sample_clients
 from mona_sfl.core.sync import divergence, fedavg
-from mona_sfl.eval.knn import extract_features, knn_accuracy
+from mona_sfl.eval.knn import extract_features, knn_accuracy, stratified_subset
 from mona_sfl.eval.linear import linear_probe
 from mona_sfl.interrupt import TrainingStopped, pause_point, rearm, set_active_run, stop_requested
 from mona_sfl.runtime.base import ClientRuntime, make_runtime
@@ -135,6 +135,7 @@ class Trainer:
         self._t_run_start = time.perf_counter()
         self._last_save = time.monotonic()  # for train.checkpoint_minutes
         self._running_since: float | None = None  # perf_counter at run() start (train_time of checkpoints taken meanwhile)
+        self._last_eval_step = -1
         self.on_step: Any = None  # optional callback(trainer) after every step (benchmarks)
 
     # ------------------------------------------------------------------ run folder
@@ -231,7 +232,7 @@ class Trainer:
             g = torch.Generator().manual_seed(self.cfg.seed + 7)
             bank = bank.subset(torch.randperm(len(bank), generator=g)[: self.cfg.data.bank_size].sort().values.numpy())
         if self.cfg.data.test_size and self.cfg.data.test_size < len(test):
-            test = test.subset(torch.arange(self.cfg.data.test_size).numpy())
+            test = test.subset(stratified_subset(test.labels, self.cfg.data.test_size))
         return bank, test
 
     @torch.no_grad()
@@ -294,7 +295,7 @@ class Trainer:
         total = self.total_steps
         progress = Progress(total, enabled=self.progress_enabled)
         try:
-            if not resumed and self.knn_init is None and cfg.eval.every > 0:
+            if not resumed and self.knn_init is None and (cfg.eval.every > 0 or cfg.eval.every_steps > 0):
                 self.knn_init = self.knn()
                 self._log({"epoch": 0, "step": 0, "knn_top1": self.knn_init, "init": True})
             if not resumed:
@@ -310,7 +311,8 @@ class Trainer:
                     self.runtime.end_epoch()
                     self.epoch += 1
                 every = cfg.eval.every
-                if not done and every and self.epoch % every == 0 and self.epoch < cfg.train.epochs:  # the last is _finish's
+                if (not done and every and self.epoch % every == 0 and self.epoch < cfg.train.epochs  # the last is _finish's
+                        and self._last_eval_step != self.global_step):
                     self._evaluate()
                 if not done:
                     self.save()
@@ -369,6 +371,8 @@ class Trainer:
                 T.sync += T.now() - t4
                 rec.update({"sync": True, **stats})
             self._log(rec)
+            if cfg.eval.every_steps and self.global_step % cfg.eval.every_steps == 0 and not finished:
+                self._evaluate()
             elapsed = self.train_time + (time.perf_counter() - self._t_run_start)
             progress.update(self.global_step, res.loss, self.images / max(elapsed, 1e-9), self.epoch)
             if self.on_step is not None:
@@ -385,6 +389,7 @@ class Trainer:
         return False
 
     def _evaluate(self) -> None:
+        self._last_eval_step = self.global_step
         self.last_knn = self.knn()
         self._log({"epoch": self.epoch, "step": self.global_step, "knn_top1": self.last_knn})
 

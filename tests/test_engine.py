@@ -114,3 +114,15 @@ def test_cli_bad_input_message_and_existing_run_untouched(tmp_path: Path) -> Non
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = run_cli("train", "--resume", str(run), cwd=tmp_path)
     assert r.returncode == 2 and "checkpoint" in r.stderr
+
+
+def test_knn_every_steps_gives_a_curve_and_leaves_training_alone(tmp_path: Path) -> None:
+    """eval.every_steps adds kNN records at fixed steps (not twice where an epoch ends) and
+    changes no loss: evaluation reads the models only."""
+    plain = tmp_path / "plain"
+    Trainer(tiny_cfg("eval.every=0"), plain, progress=False).run()
+    curve = tmp_path / "curve"
+    Trainer(tiny_cfg("eval.every=1", "eval.every_steps=2"), curve, progress=False).run()
+    assert losses(curve) == losses(plain)
+    knn_steps = [r["step"] for r in read_metrics(curve / "metrics.jsonl") if "knn_top1" in r]
+    assert knn_steps == [0, 2, 3, 4, 6]  # init; steps 2 and 4; epoch end 3; final 6

@@ -311,3 +311,15 @@ def test_linear_probe_errors() -> None:
         linear_probe(x, y, x, y, 2)
     with pytest.raises(ValueError, match="empty"):
         linear_probe(x[:0], y[:0], x, y, 3)
+
+
+def test_stratified_subset_is_balanced_fixed_and_sorted() -> None:
+    from mona_sfl.eval.knn import stratified_subset
+
+    labels = torch.arange(10).repeat_interleave(100)  # class-sorted, as an image folder lists them
+    idx = stratified_subset(labels, 205)
+    counts = torch.bincount(labels[torch.as_tensor(idx)], minlength=10)
+    assert len(idx) == 205 and len(set(idx.tolist())) == 205 and list(idx) == sorted(idx)
+    assert int(counts.max()) - int(counts.min()) <= 1  # not the first two classes only
+    assert (stratified_subset(labels, 205) == idx).all()
+    assert (stratified_subset(labels, 5000) == torch.arange(1000).numpy()).all()

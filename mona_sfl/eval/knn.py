@@ -15,7 +15,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 
-__all__ = ["extract_features", "knn_predict", "knn_accuracy"]
+__all__ = ["extract_features", "knn_predict", "knn_accuracy", "stratified_subset"]
 
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -209,3 +209,28 @@ def knn_accuracy(
     )
     correct = int((preds.cpu() == test_labels.cpu().long()).sum())
     return 100.0 * correct / test_feats.shape[0]
+
+
+def stratified_subset(labels: torch.Tensor, n: int, seed: int = 0x7E57) -> "np.ndarray":
+    """Sorted indices of ``n`` items drawn class by class in turn (a fixed, seeded draw).
+
+    Every class's indices are shuffled by a generator of its own seed, then the classes are
+    visited round-robin: with balanced classes the per-class counts differ by at most one.
+    The draw does not depend on the run's seed, so every run is evaluated on the same items.
+    """
+    import numpy as np
+
+    lab = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if n >= lab.size:
+        return np.arange(lab.size)
+    pools = []
+    for c in np.unique(lab):
+        idx = np.flatnonzero(lab == c)
+        pools.append(idx[np.random.default_rng([seed, int(c)]).permutation(idx.size)])
+    width = max(p.size for p in pools)
+    table = np.full((width, len(pools)), -1, dtype=np.int64)
+    for j, p in enumerate(pools):
+        table[: p.size, j] = p
+    order = table.reshape(-1)
+    order = order[order >= 0]
+    return np.sort(order[:n])
