@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime_overrides(spec)  # refuse a bad spec before the first run
     config = None
     if args.config:
-        from mona_sfl.cli import resolve_config_path
+        from mona_sfl.config import resolve_config_path
 
         config = resolve_config_path(args.config)
     if args.threads:

@@ -14,7 +14,7 @@ import argparse
 import tempfile
 import time
 
-from mona_sfl.cli import resolve_config_path
+from mona_sfl.config import resolve_config_path
 from mona_sfl.config import load_config
 from mona_sfl.engine import Trainer
 

@@ -1,4 +1,4 @@
-"""Build a run's pieces from its config: device, data, partition, models, client group, server.
+"""Build a run's pieces from its config: device, data, partition, schedule, models, client host, server.
 
 Every process that hosts clients (the driver, a Ray actor, a Flower ClientApp) calls these
 same functions with the same config, so all of them see identical data, partitions and
@@ -7,28 +7,31 @@ initial weights without shipping them around.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn
 
 from mona_sfl.config import Config, ConfigError
-from mona_sfl.core.client import ClientGroup, ClientHParams
+from mona_sfl.core.client import ClientHParams
+from mona_sfl.core.host import ClientHost
+from mona_sfl.core.schedule import Schedule
 from mona_sfl.core.server import ActivationSpec, Server
-from mona_sfl.data.datasets import DataError, ImageData, load_dataset
+from mona_sfl.data.datasets import ImageData, load_dataset
 from mona_sfl.data.partition import partition
 from mona_sfl.data.stream import ClientStream
 from mona_sfl.data.views import TwoViews
-from mona_sfl.models.split import ServerNet, build_split, cut_info
+from mona_sfl.errors import DataError
+from mona_sfl.models.split import CutInfo, ServerNet, build_split, cut_info
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+def resolve_device(name: str, *, strict: bool = True) -> torch.device:
+    """``auto``: CUDA when present. ``cuda`` without a CUDA device is a ConfigError, or CPU when not
+    ``strict`` (a client host on a machine without a GPU follows the server's choice as far as it can)."""
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if name == "cuda" and strict:
         raise ConfigError("device='cuda' but no CUDA device is available: use device=auto or device=cpu")
-    return torch.device(name)
+    return torch.device("cpu")
 
 
 def load_data(cfg: Config, split: str) -> ImageData:
@@ -74,12 +77,14 @@ def client_partition(cfg: Config, labels: torch.Tensor, num_classes: int) -> lis
     return parts
 
 
+def schedule(cfg: Config, parts: list[np.ndarray]) -> Schedule:
+    """The run's schedule for this partition of the training set."""
+    return Schedule.from_config(cfg, sum(len(p) for p in parts))
+
+
 def steps_per_epoch(cfg: Config, parts: list[np.ndarray]) -> int:
     """train.steps_per_epoch, or ceil(mean client size / batch size)."""
-    if cfg.train.steps_per_epoch > 0:
-        return cfg.train.steps_per_epoch
-    mean = sum(len(p) for p in parts) / len(parts)
-    return max(1, math.ceil(mean / cfg.train.batch_size))
+    return schedule(cfg, parts).steps_per_epoch
 
 
 def build_models(cfg: Config) -> tuple[nn.Sequential, ServerNet]:
@@ -110,15 +115,15 @@ def client_hparams(cfg: Config) -> ClientHParams:
     )
 
 
-def build_client_group(
+def build_host(
     cfg: Config,
     client_ids: list[int],
     *,
     train: ImageData | None = None,
     parts: list[np.ndarray] | None = None,
     device: torch.device | None = None,
-) -> ClientGroup:
-    """A group hosting ``client_ids``; loads data and partitions unless given."""
+) -> ClientHost:
+    """A host of ``client_ids``; loads data and partitions unless given."""
     if train is None:
         train = load_data(cfg, "train")
     if parts is None:
@@ -129,18 +134,22 @@ def build_client_group(
         for cid in client_ids
     }
     front, _ = build_models(cfg)
-    return ClientGroup(front, client_hparams(cfg), streams, device=device or resolve_device(cfg.device))
+    return ClientHost(front, client_hparams(cfg), streams, device=device or resolve_device(cfg.device))
+
+
+def split_info(cfg: Config, cut: int | None = None) -> CutInfo:
+    """Sizes of the config's split (at ``cut`` instead of ``model.cut`` if given), without weights."""
+    m = cfg.model
+    return cut_info(
+        m.arch, m.cut if cut is None else cut, input_size=cfg.data.image_size, width=m.width, norm=m.norm,
+        weight_std=m.weight_std, proj_hidden=cfg.algo.hidden_dim, proj_dim=cfg.algo.dim,
+    )
 
 
 def activation_spec(cfg: Config) -> ActivationSpec:
     """What the server accepts from one client per step: rows of the cut's (C, H, W), float32."""
-    m = cfg.model
-    info = cut_info(
-        m.arch, m.cut, input_size=cfg.data.image_size, width=m.width, norm=m.norm, weight_std=m.weight_std,
-        proj_hidden=cfg.algo.hidden_dim, proj_dim=cfg.algo.dim,
-    )
-    rows = cfg.train.batch_size * (2 if cfg.algo.symmetric == "client" else 1)
-    return ActivationSpec(shape=tuple(info.activation_shape), max_rows=rows, dtype=torch.float32)
+    info = split_info(cfg)
+    return ActivationSpec(shape=tuple(info.activation_shape), max_rows=cfg.rows_per_client, dtype=torch.float32)
 
 
 def build_server(cfg: Config, device: torch.device) -> Server:
@@ -168,10 +177,12 @@ __all__ = [
     "resolve_device",
     "load_data",
     "client_partition",
+    "schedule",
     "steps_per_epoch",
     "build_models",
     "client_hparams",
-    "build_client_group",
+    "build_host",
+    "split_info",
     "activation_spec",
     "build_server",
 ]

@@ -1,17 +1,21 @@
-"""Run-folder files: atomic writes, the checkpoint, and the crash-tolerant metrics log."""
+"""Run folders: their names and files, atomic writes, the checkpoint, the crash-tolerant metrics log,
+and the checks that decide whether a folder can take a new run or be resumed."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import torch
-
+from mona_sfl.errors import CheckpointError, ConfigError
 from mona_sfl.interrupt import pause_point, pause_wanted
+
+if TYPE_CHECKING:
+    from mona_sfl.config import Config
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -20,8 +24,10 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 
 
-class CheckpointError(ValueError):
-    """A run folder or checkpoint that cannot be resumed (missing, corrupt, mismatched)."""
+#: Version of the training-state dict in ``checkpoint.pt`` (2: client state of the sharded runtime).
+CHECKPOINT_VERSION = 2
+#: Files whose presence marks a folder as (part of) a run.
+RUN_FILES = (CONFIG, CHECKPOINT, PREVIOUS, METRICS, SUMMARY)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -100,6 +106,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
         if ckpt.exists():
             _keep_previous(ckpt, prev)
 
+    import torch
+
     _atomic_write(ckpt, lambda f: torch.save(state, f), before_replace=swap_previous)
     pause_point("checkpoint_renamed", step)
 
@@ -126,6 +134,8 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
         if not p.exists():
             continue
         try:
+            import torch
+
             return torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # corrupt or truncated file
             errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -137,9 +147,9 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     )
 
 
-def load_run_config(run_dir: Path):  # -> mona_sfl.config.Config
+def load_run_config(run_dir: Path) -> "Config":
     """The resolved config of a run folder; CheckpointError when the folder or its config is unusable."""
-    from mona_sfl.config import ConfigError, load_config
+    from mona_sfl.config import load_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -217,3 +227,122 @@ def truncate_metrics(path: Path, last_step: int, keep: int | None = None) -> Non
     else:
         recs = [r for r in recs if int(r.get("step", 0)) <= last_step]
     atomic_write_text(Path(path), "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs))
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def default_run_dir(cfg: "Config", suffix: str = "") -> Path:
+    """``runs/<time>-<arch>-cut<N>-<method>[-suffix]``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tail = f"-{suffix}" if suffix else ""
+    return Path("runs") / f"{stamp}-{cfg.model.arch}-cut{cfg.model.cut}-{cfg.method_tag}{tail}"
+
+
+def check_new_run_dir(out: Path) -> None:
+    """Refuse an --out that cannot take a new run, before anything is written anywhere."""
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"--out {out} is a broken symbolic link: remove it or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder: choose another --out")
+    if out.is_dir() and any((out / n).exists() for n in RUN_FILES):
+        raise ConfigError(f"--out {out} already holds a run: continue it with `mona-sfl train --resume {out}` or choose another --out")
+    base = out
+    while not base.exists() and not base.is_symlink() and base != base.parent:
+        base = base.parent  # the nearest existing folder, where the run folder will be created
+    if not base.is_dir():
+        raise ConfigError(f"--out {out} cannot be created: {base} is not a folder; choose another --out")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out} cannot be created: no permission to write in {base}; choose another --out")
+
+
+def check_resumable(run_dir: Path, max_steps: int | None) -> "Config":
+    """The run's config, unless the folder is no run or the run has finished (nothing would be trained)."""
+    from mona_sfl.config import with_overrides
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--resume {run_dir} is a file, not a run folder: pass the folder given as --out")
+    cfg = load_run_config(run_dir)  # CheckpointError when the folder or its config.toml is unusable
+    for name in RUN_FILES:
+        if (run_dir / name).exists() and not (run_dir / name).is_file():
+            raise CheckpointError(f"{run_dir / name} is not a file: this run folder is damaged; restore the file or start a new run")
+    if max_steps is not None:
+        with_overrides(cfg, [f"train.max_steps={max_steps}"])  # ConfigError for a negative value
+    try:
+        done = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
+        steps, epochs = int(done["steps"]), int(done["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return cfg  # no (readable) summary: the run has not finished
+    limit = cfg.train.max_steps if max_steps is None else max_steps
+    if epochs >= cfg.train.epochs:
+        raise CheckpointError(
+            f"the run in {run_dir} has finished (all {cfg.train.epochs} epochs; see {SUMMARY}): nothing to resume; "
+            f"train.epochs cannot change on resume, so start a new run for more epochs"
+        )
+    if limit and steps >= limit:
+        raise CheckpointError(
+            f"the run in {run_dir} has finished ({steps} steps, train.max_steps={limit}; see {SUMMARY}): nothing to "
+            f"resume; to train further pass --set train.max_steps=N with N > {steps}"
+        )
+    return cfg
+
+
+def config_diff(saved: dict[str, Any], cfg: "Config") -> list[str]:
+    """Keys where a checkpoint's config and ``cfg`` differ. A key the checkpoint lacks (added to
+    the schema after it was written) counts as equal when ``cfg`` has its default."""
+    from mona_sfl.config import Config, to_flat
+
+    flat, defaults = to_flat(cfg), to_flat(Config())
+    diff = [k for k, v in flat.items() if (saved[k] if k in saved else defaults.get(k)) != v]
+    return sorted(diff + [k for k in saved if k not in flat])
+
+
+def resume_state(run_dir: Path, max_steps: int | None = None) -> tuple["Config", dict[str, Any]]:
+    """The config (with ``train.max_steps`` replaced when given) and the checkpoint of a run to resume,
+    checked against each other; CheckpointError when they cannot continue the run."""
+    from mona_sfl.config import with_overrides
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    state = load_checkpoint(run_dir)
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"the checkpoint in {run_dir} holds no mona_sfl training state: restore {PREVIOUS} or start a new run")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint in {run_dir} has version {state.get('version')!r}, expected {CHECKPOINT_VERSION} "
+            f"(written by another version of mona_sfl): resume it with that version or start a new run"
+        )
+    diff = config_diff(state.get("config", {}), cfg)
+    if diff:
+        raise CheckpointError(f"{run_dir / CONFIG} does not match the checkpoint (differs in: {', '.join(diff[:8])}): restore the original config")
+    keep = state.get("metrics_records")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+        raise CheckpointError(f"the checkpoint in {run_dir} is damaged (metrics_records={keep!r}): restore {PREVIOUS} or start a new run")
+    if max_steps is not None:
+        cfg = with_overrides(cfg, [f"train.max_steps={max_steps}"])
+        step = state.get("global_step")
+        if isinstance(step, int) and 0 < max_steps < step:
+            raise CheckpointError(
+                f"--set train.max_steps={max_steps} is below the checkpoint's step {step}: pass a larger value, or 0 for no limit"
+            )
+    return cfg, state
+
+
+def damaged(run_dir: Path, e: BaseException) -> CheckpointError:
+    """The error for a checkpoint whose state does not fit the run (missing keys, wrong shapes)."""
+    why = str(e).splitlines()[0][:200] if str(e) else ""
+    return CheckpointError(
+        f"the checkpoint in {run_dir} is damaged or incomplete ({type(e).__name__}: {why}): restore {PREVIOUS} or start a new run"
+    )
+
+
+def prepare_resume(run_dir: Path, state: dict[str, Any], cfg: "Config", *, max_steps: int | None) -> None:
+    """Make the folder continue from ``state``: drop a killed write's temporary files, the metrics
+    logged after the checkpoint, and record a new ``train.max_steps``."""
+    from mona_sfl.config import dumps_toml
+
+    remove_stale_temps(run_dir)  # a checkpoint write that was killed
+    keep = state.get("metrics_records")
+    truncate_metrics(run_dir / METRICS, int(state.get("global_step", 0)), keep=None if keep is None else int(keep))
+    if max_steps is not None:
+        atomic_write_text(run_dir / CONFIG, dumps_toml(cfg))

@@ -26,12 +26,15 @@ to be loaded: ``synthetic`` uses ``data.synthetic_size``, CIFAR-10/100 50,000, S
 STL-10 5,000 (pass ``num_train`` for subsets of your own); only ``imagefolder`` (size
 unknown) loads the training set.
 
-What the simulator's runtimes count (``Trainer.runtime.bytes``, e.g. ``runtime=ray``)
-equals ``counted_up_total`` / ``counted_down_total`` / ``counted_sync_total``. These equal
-the protocol totals except that under MocoSFL the runtimes also upload every client's
-momentum front at each sync: the engine gathers it for the divergence (misalignment)
-metrics, which a deployment would not need (``monitor_up_per_client``). The in-process
-runtime counts 0.
+What every runtime counts (``Trainer.runtime.bytes``, the sharded runtime's byte ledger,
+the same in ``local``, ``ray`` and ``flower``) equals ``counted_up_total`` /
+``counted_down_total`` / ``counted_sync_total``. These equal the protocol totals except
+that under MocoSFL the runtimes also upload every client's momentum front at each sync: the
+engine gathers it for the divergence (misalignment) metrics, which a deployment would not
+need (``monitor_up_per_client``).
+
+Steps, syncs and catch-up downloads come from the run's :class:`~mona_sfl.core.schedule.Schedule`,
+the one the engine runs.
 
 :func:`reference_overhead` reproduces MocoSFL's ``overhead_calculator.py`` (algorithm.md
 6.1) for comparison; it undercounts (no key activations, no symmetric doubling, no momentum
@@ -42,17 +45,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from mona_sfl.config import Config, ConfigError, NUM_CUTS
+from mona_sfl.config import Config
+from mona_sfl.core.schedule import Schedule, epoch_length, syncs_in
+from mona_sfl.data import TRAIN_SIZES
+from mona_sfl.errors import ConfigError
+from mona_sfl.models import NUM_CUTS
 
 FLOAT_BYTES = 4
 MB = 2**20  # the reference calculator's "MB"
-
-#: Training-set sizes of the torchvision sources (before data.proportion).
-TRAIN_SIZES: dict[str, int] = {"cifar10": 50000, "cifar100": 50000, "svhn": 73257, "stl10": 5000}
 
 
 # --------------------------------------------------------------------------- sizes
@@ -77,19 +80,9 @@ def _unit_buffers(arch: str, width: float, norm: str, weight_std: bool) -> tuple
 
 
 def _info(cfg: Config, cut: int | None = None):
-    from mona_sfl.models.split import cut_info
+    from mona_sfl.build import split_info
 
-    m = cfg.model
-    return cut_info(
-        m.arch,
-        m.cut if cut is None else cut,
-        input_size=cfg.data.image_size,
-        width=m.width,
-        norm=m.norm,
-        weight_std=m.weight_std,
-        proj_hidden=cfg.algo.hidden_dim,
-        proj_dim=cfg.algo.dim,
-    )
+    return split_info(cfg, cut)
 
 
 def front_state_bytes(cfg: Config, cut: int | None = None) -> int:
@@ -133,16 +126,7 @@ def resolve_steps_per_epoch(cfg: Config, steps_per_epoch: int | None = None, num
             )
         train = build.load_data(cfg, "train")
         return build.steps_per_epoch(cfg, build.client_partition(cfg, train.labels, len(train.classes)))
-    return max(1, math.ceil(n / cfg.fed.num_clients / cfg.train.batch_size))
-
-
-def _syncs_in(steps: int, spe: int, every: int) -> int:
-    """Syncs in an epoch that runs ``steps`` of its ``spe`` steps (the last one always syncs)."""
-    if steps <= 0:
-        return 0
-    if every <= 0:
-        return 1
-    return steps // every + (1 if steps % every else 0)
+    return epoch_length(n, cfg.fed.num_clients, cfg.train.batch_size)
 
 
 # --------------------------------------------------------------------------- costs
@@ -244,27 +228,6 @@ class CommCosts:
         return d
 
 
-def _catchups(cfg: Config, epochs: int, syncs_of_epoch: list[int]) -> int:
-    """Downloads by sampled clients that missed syncs, following the engine's client draws."""
-    n, k = cfg.fed.num_clients, cfg.clients_per_epoch
-    if k >= n:
-        return 0
-    from mona_sfl.core.client import sample_clients
-
-    seen = [0] * n
-    syncs = 0
-    count = 0
-    for e in range(epochs):
-        pool = sample_clients(cfg.seed, e, n, k)
-        for c in pool:
-            if seen[c] < syncs:
-                count += 1
-        syncs += syncs_of_epoch[e]
-        for c in pool:
-            seen[c] = syncs
-    return count
-
-
 def comm_costs(cfg: Config, *, steps_per_epoch: int | None = None, num_train: int | None = None) -> CommCosts:
     """Analytic communication of ``cfg`` (float32; see the module docstring).
 
@@ -277,20 +240,13 @@ def comm_costs(cfg: Config, *, steps_per_epoch: int | None = None, num_train: in
     align = cfg.algo.align_momentum
     b_c = 2 * cfg.train.batch_size if cfg.algo.symmetric == "client" else cfg.train.batch_size
     act = info.activation_numel * FLOAT_BYTES
-    spe = resolve_steps_per_epoch(cfg, steps_per_epoch, num_train)
-    every = cfg.fed.sync_every
-    total = cfg.train.epochs * spe
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    full, rem = divmod(total, spe)
-    per_epoch = _syncs_in(spe, spe, every)
-    syncs_of_epoch = [per_epoch] * full + ([_syncs_in(rem, spe, every)] if rem else [])
+    sched = Schedule.from_config(cfg, steps_per_epoch=resolve_steps_per_epoch(cfg, steps_per_epoch, num_train))
     fronts = 2 if align else 1
     return CommCosts(
         arch=cfg.model.arch,
         cut=cfg.model.cut,
         width=cfg.model.width,
-        method="MonAcoSFL" if align else "MocoSFL",
+        method=cfg.method,
         symmetric=cfg.algo.symmetric,
         activation_shape=info.activation_shape,
         activation_numel=info.activation_numel,
@@ -304,12 +260,12 @@ def comm_costs(cfg: Config, *, steps_per_epoch: int | None = None, num_train: in
         sync_up_per_client=fronts * front,
         sync_down_per_client=fronts * front,
         monitor_up_per_client=0 if align else front,
-        steps_per_epoch=spe,
-        syncs_per_epoch=per_epoch,
-        epochs=len(syncs_of_epoch),
-        total_steps=total,
-        total_syncs=sum(syncs_of_epoch),
-        catchup_downloads=_catchups(cfg, len(syncs_of_epoch), syncs_of_epoch),
+        steps_per_epoch=sched.steps_per_epoch,
+        syncs_per_epoch=syncs_in(sched.steps_per_epoch, sched.sync_every),
+        epochs=sched.epochs_run,
+        total_steps=sched.total_steps,
+        total_syncs=sched.total_syncs,
+        catchup_downloads=sched.catchup_downloads(),
     )
 
 
@@ -425,35 +381,10 @@ def reference_table(arch: str, *, width: float = 1.0, norm: str = "group", weigh
     return "\n".join(out)
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def comm_main(args: Any) -> int:
-    """``mona-sfl comm [CONFIG] [--set k=v] [--steps-per-epoch N] [--exact] [--reference]``."""
-    from mona_sfl.cli import resolve_config_path
-    from mona_sfl.config import load_config
-
-    cfg = load_config(resolve_config_path(getattr(args, "config", None)), list(getattr(args, "overrides", None) or []))
-    spe = getattr(args, "steps_per_epoch", None)
-    print(comm_table(cfg, steps_per_epoch=spe, exact=bool(getattr(args, "exact", False))))
-    c = comm_costs(cfg, steps_per_epoch=spe)
-    print(
-        f"\nconfigured cut {c.cut}: {fmt_bytes(c.bytes_per_step)} per step and {fmt_bytes(c.bytes_per_sync)} per sync over "
-        f"{c.clients_per_step} clients; run total {fmt_bytes(c.bytes_total)} (activations {fmt_bytes(c.latent_total)}, "
-        f"fronts {fmt_bytes(c.weights_total)})"
-    )
-    if getattr(args, "reference", False):
-        print()
-        print(reference_table(cfg.model.arch, width=cfg.model.width, norm=cfg.model.norm, weight_std=cfg.model.weight_std, input_size=cfg.data.image_size))
-    return 0
-
-
 __all__ = [
     "CommCosts",
     "ReferenceOverhead",
-    "TRAIN_SIZES",
     "comm_costs",
-    "comm_main",
     "comm_table",
     "fmt_bytes",
     "front_state_bytes",

@@ -11,7 +11,6 @@ This module imports neither torch nor any runtime.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import tomllib
 import typing
@@ -19,117 +18,128 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-NUM_CUTS = 9  # every backbone in mona_sfl.models is split into 9 units
-ARCHS = ("resnet18", "mobilenetv2")
-NORMS = ("group", "batch")
-SYMMETRIC = ("client", "original", "none")
-DATASETS = ("synthetic", "cifar10", "cifar100", "svhn", "stl10", "imagefolder")
-PARTITIONS = ("iid", "noniid", "dirichlet")
-RUNTIMES = ("local", "ray", "flower")
-CLIENT_SCHEDULES = ("epoch", "reference")
-KNN_FEATURES = ("projector", "backbone")
-DEVICES = ("auto", "cpu", "cuda")
+from mona_sfl.core import AGGREGATIONS, SYMMETRIC
+from mona_sfl.core.schedule import CLIENT_SCHEDULES
+from mona_sfl.data import DATASETS, MIN_SYNTHETIC_SIZE, PARTITIONS
+from mona_sfl.errors import ConfigError
+from mona_sfl.eval import KNN_FEATURES
+from mona_sfl.models import BACKBONES, NORMS, NUM_CUTS
+from mona_sfl.registry import Choices, suggest
+from mona_sfl.runtime import RUNTIMES
+
+#: ``device``: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+DEVICES = Choices("device", ("auto", "cpu", "cuda"))
+
+#: Every key with a fixed set of values, and where that set is defined.
+VOCABULARY: dict[str, Choices] = {
+    c.key: c
+    for c in (RUNTIMES, DEVICES, BACKBONES, NORMS, SYMMETRIC, DATASETS, PARTITIONS, AGGREGATIONS, CLIENT_SCHEDULES, KNN_FEATURES)
+}
 
 
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; the CLI prints it and exits with code 2."""
+def key(default: Any, help: str) -> Any:  # noqa: A002 - the help text of a key
+    """A config field with its help text (the key reference is generated from it)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "resnet18"
-    cut: int = 2  # 1..9: how many backbone units run on the client
-    width: float = 1.0  # channel multiplier (0.25 for fast CPU runs)
-    norm: str = "group"  # group (reference) | batch
-    weight_std: bool = True  # weight-standardised convolutions (reference)
+    arch: str = key("resnet18", "backbone (CIFAR variants)")
+    cut: int = key(2, "1..9 backbone units on the client (ResNet-18: paper layers L = 2*cut-1)")
+    width: float = key(1.0, "channel multiplier (e.g. 0.25 for CPU runs)")
+    norm: str = key("group", "normalisation: GroupNorm with 4 channels per group (reference) or BatchNorm")
+    weight_std: bool = key(True, "weight-standardised convolutions (reference)")
 
 
 @dataclass(frozen=True)
 class AlgoConfig:
-    align_momentum: bool = True  # True: MonAcoSFL (average momentum fronts at sync); False: MocoSFL
-    K: int = 6000  # key queue length
-    dim: int = 1024  # projector output dimension
-    hidden_dim: int = 1024  # projector hidden width
-    T: float = 0.1  # InfoNCE temperature
-    m: float = 0.99  # client momentum (EMA) coefficient
-    server_m: float = 0.99  # server momentum (EMA) coefficient
-    symmetric: str = "client"  # client: [x1;x2]/[x2;x1] doubling (reference default) | original | none
+    align_momentum: bool = key(True, "MonAcoSFL (true: momentum fronts merged at every sync) or MocoSFL (false)")
+    K: int = key(6000, "key queue length")
+    dim: int = key(1024, "projector output dimension")
+    hidden_dim: int = key(1024, "projector hidden width")
+    T: float = key(0.1, "InfoNCE temperature")
+    m: float = key(0.99, "client momentum (EMA) coefficient")
+    server_m: float = key(0.99, "server momentum (EMA) coefficient")
+    symmetric: str = key("client", "symmetric loss: client-side [x1;x2]/[x2;x1] doubling (reference), the original two-term loss, or none")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "synthetic"
-    dir: str = ""  # data directory (torchvision root or ImageFolder root)
-    download: bool = False
-    partition: str = "iid"  # iid | noniid (label shards) | dirichlet
-    noniid_ratio: float = 0.2  # label-shard ratio: classes per client = ratio * num_classes
-    alpha: float = 0.5  # Dirichlet concentration
-    proportion: float = 1.0  # use this fraction of the training set (seeded subset)
-    synthetic_size: int = 5000  # synthetic training images (test: size // 5)
-    num_classes: int = 10  # synthetic only
-    image_size: int = 32
-    blur: bool = True  # Gaussian blur in the MoCo v2 augmentation
-    crop_min: float = 0.08  # RandomResizedCrop scale lower bound (reference: torchvision's 0.08)
-    test_size: int = 0  # evaluate on N test images, a fixed class-stratified draw (0 = all)
-    bank_size: int = 0  # kNN bank / probe train set: N seeded training images (0 = all)
+    name: str = key("synthetic", "dataset (synthetic: the built-in shapes, no files)")
+    dir: str = key("", "data directory (torchvision root or image-folder root)")
+    download: bool = key(False, "let torchvision download the data (machines with internet)")
+    partition: str = key("iid", "client split: IID, label shards (`data.noniid_ratio`), Dirichlet (`data.alpha`)")
+    noniid_ratio: float = key(0.2, "label shards: classes per client = ratio x classes")
+    alpha: float = key(0.5, "Dirichlet concentration")
+    proportion: float = key(1.0, "use this seeded fraction of the training set")
+    synthetic_size: int = key(5000, "synthetic training images (test: size // 5)")
+    num_classes: int = key(10, "synthetic classes")
+    image_size: int = key(32, "image side in pixels")
+    blur: bool = key(True, "Gaussian blur in the MoCo v2 augmentation")
+    crop_min: float = key(0.08, "smallest RandomResizedCrop area share (0.08 = torchvision / reference)")
+    test_size: int = key(0, "evaluate on N test images, a fixed class-stratified draw (0 = all)")
+    bank_size: int = key(0, "kNN bank / probe training set: N seeded training images (0 = all)")
 
 
 @dataclass(frozen=True)
 class FedConfig:
-    num_clients: int = 5
-    sample_ratio: float = 1.0  # clients drawn per epoch = max(1, int(ratio * num_clients))
-    sync_every: int = 0  # FedAvg every N steps (0 = only at epoch end); always at epoch end
+    num_clients: int = key(5, "clients")
+    sample_ratio: float = key(1.0, "share of clients sampled per epoch (seeded): max(1, int(ratio x clients))")
+    sync_every: int = key(0, "sync every N steps of an epoch (0 = only at epoch end); always at epoch end")
+    aggregation: str = key("fedavg", "how a sync merges the sampled clients' fronts")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 200
-    max_steps: int = 0  # stop after this many steps in total (0 = no limit)
-    steps_per_epoch: int = 0  # 0 = ceil(mean client size / batch_size)
-    batch_size: int = 32  # per client, before symmetric doubling
-    lr: float = 0.06
-    client_lr: float = 0.0  # 0 = same as lr
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    client_schedule: str = "epoch"  # epoch: cosine over epochs | reference: per-step periodic cosine
-    checkpoint_every: int = 0  # steps between checkpoints (0 = off); always at every epoch end
-    checkpoint_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last one (0 = off)
+    epochs: int = key(200, "epochs")
+    max_steps: int = key(0, "stop after N steps in total (0 = no limit)")
+    steps_per_epoch: int = key(0, "0 = ceil(mean client data / batch)")
+    batch_size: int = key(32, "per-client batch, before the symmetric doubling")
+    lr: float = key(0.06, "server learning rate (and the clients', unless train.client_lr)")
+    client_lr: float = key(0.0, "client learning rate (0 = train.lr)")
+    momentum: float = key(0.9, "SGD momentum")
+    weight_decay: float = key(5e-4, "SGD weight decay")
+    client_schedule: str = key("epoch", "client LR: cosine over epochs, or the reference's per-step periodic cosine")
+    checkpoint_every: int = key(0, "extra checkpoint every N steps (0 = off; always at step 0 and every epoch end)")
+    checkpoint_minutes: float = key(0.0, "extra checkpoint when N minutes passed since the last (0 = off)")
+    client_threads: int = key(1, "torch threads of client compute, in every runtime (0 = all CPUs)")
+    server_threads: int = key(0, "torch threads of server compute and evaluation (0 = all CPUs)")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = 1  # kNN monitor every N epochs (0 = only at the end)
-    every_steps: int = 0  # also every N training steps (0 = off), for learning curves
-    knn_k: int = 200
-    knn_t: float = 0.1
-    knn_features: str = "projector"  # projector (reference) | backbone
-    linear: bool = True  # linear probe at the end of training
-    linear_epochs: int = 100
-    linear_lr: float = 1e-3
-    batch_size: int = 256
+    every: int = key(1, "kNN monitor every N epochs (0 = only at the end, no initial evaluation)")
+    every_steps: int = key(0, "also every N training steps (0 = off), for learning curves")
+    knn_k: int = key(200, "kNN neighbours")
+    knn_t: float = key(0.1, "kNN temperature")
+    knn_features: str = key("projector", "features of the kNN monitor: projector output (reference) or pooled backbone")
+    linear: bool = key(True, "linear probe on frozen backbone features at the end")
+    linear_epochs: int = key(100, "linear probe epochs")
+    linear_lr: float = key(1e-3, "linear probe learning rate (Adam)")
+    batch_size: int = key(256, "evaluation batch size")
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str = ""  # empty: RAY_ADDRESS if set, else start a local instance
-    num_actors: int = 0  # 0 = one per CPU (at most one per client)
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    step_timeout_s: float = 300.0
+    address: str = key("", "Ray cluster address (empty: RAY_ADDRESS, else a private local instance)")
+    num_actors: int = key(0, "client actors (0 = one per CPU, at most one per client)")
+    cpus_per_actor: float = key(1.0, "CPUs Ray reserves per actor")
+    gpus_per_actor: float = key(0.0, "GPUs per actor (> 0: clients compute on CUDA)")
+    step_timeout_s: float = key(300.0, "seconds an actor may take for one call before its clients are dropped")
 
 
 @dataclass(frozen=True)
 class FlowerConfig:
-    num_supernodes: int = 0  # 0 = fed.num_clients
-    step_timeout_s: float = 300.0
-    cpus_per_client: float = 1.0  # simulation: CPUs Ray reserves per ClientApp (actors = CPUs / this)
+    num_supernodes: int = key(0, "SuperNodes (0 = fed.num_clients)")
+    step_timeout_s: float = key(300.0, "seconds a node may take to reply before its clients are dropped")
+    cpus_per_client: float = key(1.0, "simulation: CPUs Ray reserves per ClientApp")
 
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = 0
-    runtime: str = "local"
-    device: str = "auto"
+    seed: int = key(0, "everything (init, partition, sampling, augmentation) derives from it")
+    runtime: str = key("local", "where the clients run: in-process, Ray actors, Flower SuperNodes")
+    device: str = key("auto", "compute device (auto: CUDA when present)")
     model: ModelConfig = field(default_factory=ModelConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -148,6 +158,57 @@ class Config:
     def client_lr(self) -> float:
         return self.train.client_lr if self.train.client_lr > 0 else self.train.lr
 
+    @property
+    def method(self) -> str:
+        """``MonAcoSFL`` (momentum alignment on) or ``MocoSFL``."""
+        return "MonAcoSFL" if self.algo.align_momentum else "MocoSFL"
+
+    @property
+    def method_tag(self) -> str:
+        """Short name of the method for folder names: ``mona`` or ``moco``."""
+        return "mona" if self.algo.align_momentum else "moco"
+
+    @property
+    def rows_per_client(self) -> int:
+        """Rows of one client's activations per step: the batch, doubled under client-side symmetry."""
+        return self.train.batch_size * (2 if self.algo.symmetric == "client" else 1)
+
+    @property
+    def images_per_row(self) -> float:
+        """Training images behind one activation row (1/2 under client-side doubling)."""
+        return self.train.batch_size / self.rows_per_client
+
+    @property
+    def num_nodes(self) -> int:
+        """Flower SuperNodes: ``flower.num_supernodes``, or one per client."""
+        return self.flower.num_supernodes or self.fed.num_clients
+
+
+def key_reference(cls: type | None = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) of every leaf of the schema, in schema order."""
+    cls = cls or Config
+    rows: list[tuple[str, Any, str]] = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += key_reference(tp, f"{prefix}{f.name}.")
+        else:
+            name = f"{prefix}{f.name}"
+            help_text = f.metadata.get("help", "")
+            if name in VOCABULARY:
+                help_text += ": " + ", ".join(f"`{v}`" for v in VOCABULARY[name])
+            rows.append((name, f.default, help_text))
+    return rows
+
+
+def key_table() -> str:
+    """The key reference as a Markdown table (the README's is this, checked by a test)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for name, default, help_text in key_reference():
+        shown = toml_value(default) if not isinstance(default, str) else f'"{default}"'
+        lines.append(f"| `{name}` | `{shown}` | {help_text} |")
+    return "\n".join(lines) + "\n"
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -158,11 +219,6 @@ def _section_types(cls: type) -> dict[str, Any]:
 
 def _is_section(tp: Any) -> bool:
     return dataclasses.is_dataclass(tp)
-
-
-def _suggest(key: Any, options: list[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(str(key), options, n=1)
-    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def _coerce(key: str, value: Any, tp: type) -> Any:
@@ -218,7 +274,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if not isinstance(key, str):
             raise ConfigError(f"config key {full!r} is a {type(key).__name__}: keys must be names such as 'model' or 'cut' (quote it in YAML)")
         if key not in types:
-            raise ConfigError(f"unknown config key '{full}'{_suggest(key, list(types), prefix)}")
+            raise ConfigError(f"unknown config key '{full}'{suggest(key, list(types), prefix)}")
         tp = types[key]
         if _is_section(tp):
             kwargs[key] = _build(tp, value, f"{full}.")
@@ -264,7 +320,7 @@ def _field_type(key: str) -> type:
         types = _section_types(cls)
         if part not in types:
             where = ".".join(parts[:i])
-            hint = _suggest(part, list(types), f"{where}." if where else "")
+            hint = suggest(part, list(types), f"{where}." if where else "")
             raise ConfigError(f"unknown config key '{key}'{hint}: no '{part}' in {where or 'the top level'}")
         tp = types[part]
         if _is_section(tp):
@@ -302,6 +358,44 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _deepcopy_dict(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deepcopy_dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def bundled_config(name: str) -> Path | None:
+    """A config shipped with the package (``mona_sfl/configs/NAME.toml`` / ``.yaml``), or None."""
+    from importlib import resources
+
+    base = resources.files("mona_sfl") / "configs"
+    for suffix in ("", ".toml", ".yaml", ".yml"):
+        p = base / f"{name}{suffix}"
+        if p.is_file():
+            return Path(str(p))
+    return None
+
+
+def bundled_names() -> list[str]:
+    """Names of the bundled configs (``--config NAME``)."""
+    from importlib import resources
+
+    base = resources.files("mona_sfl") / "configs"
+    return sorted(Path(str(p.name)).stem for p in base.iterdir() if p.name.endswith((".toml", ".yaml", ".yml")))
+
+
+def resolve_config_path(arg: str | Path | None) -> Path:
+    """``--config``: a file, or the name of a bundled config; None means the bundled ``default``."""
+    if arg is None:
+        p = bundled_config("default")
+        if p is None:
+            raise ConfigError("the bundled default config is missing: reinstall mona-sfl or pass --config FILE")
+        return p
+    p = Path(arg)
+    if p.exists():
+        return p
+    found = bundled_config(str(arg))
+    if found is not None:
+        return found
+    raise ConfigError(
+        f"config file not found: {arg} (neither a file nor a bundled config name; bundled: {', '.join(bundled_names())})"
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -355,20 +449,20 @@ def from_flat(flat: dict[str, Any]) -> Config:
     return from_dict(nested)
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
-    return '"' + "".join(_toml_char(c) for c in str(v)) + '"'
+    return '"' + "".join(toml_char(c) for c in str(v)) + '"'
 
 
 _TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
 
-def _toml_char(c: str) -> str:
+def toml_char(c: str) -> str:
     """One character of a TOML basic string: quotes, backslashes and control characters escaped."""
     if c in _TOML_ESCAPES:
         return _TOML_ESCAPES[c]
@@ -379,11 +473,11 @@ def _toml_char(c: str) -> str:
 
 def dumps_toml(cfg: Config) -> str:
     d = to_dict(cfg)
-    top = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    top = [f"{k} = {toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
     parts = ["\n".join(top)]
     for k, v in d.items():
         if isinstance(v, dict):
-            parts.append(f"[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()))
+            parts.append(f"[{k}]\n" + "\n".join(f"{kk} = {toml_value(vv)}" for kk, vv in v.items()))
     return "\n\n".join(parts) + "\n"
 
 
@@ -392,11 +486,6 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ConfigError(f"{key}='{value}' is not supported: choose one of {', '.join(options)}{_suggest(value, list(options))}")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -437,15 +526,14 @@ def validate(cfg: Config) -> None:
                 _check_leaf(f"{name}.{sub}", getattr(val, sub), stp)
         else:
             _check_leaf(name, val, tp)
-    _choice("runtime", cfg.runtime, RUNTIMES)
-    _choice("device", cfg.device, DEVICES)
+    flat = to_flat(cfg)
+    for name, choices in VOCABULARY.items():
+        choices.check(flat[name])
     _check(0 <= cfg.seed < 2**63, f"seed must be in [0, 2^63), got {cfg.seed}")
 
     m = cfg.model
-    _choice("model.arch", m.arch, ARCHS)
     _check(1 <= m.cut <= NUM_CUTS, f"model.cut={m.cut} is out of range for {m.arch}: legal cut layers are 1..{NUM_CUTS} (1 = stem only, {NUM_CUTS} = whole backbone on the client)")
     _check(0 < m.width <= 4, f"model.width must be in (0, 4], got {m.width}")
-    _choice("model.norm", m.norm, NORMS)
 
     a = cfg.algo
     _check(a.K >= 1, f"algo.K (queue length) must be positive, got {a.K}")
@@ -454,15 +542,12 @@ def validate(cfg: Config) -> None:
     _check(a.T > 0, f"algo.T (temperature) must be > 0, got {a.T}")
     _check(0 <= a.m <= 1, f"algo.m (client momentum) must be in [0, 1], got {a.m}")
     _check(0 <= a.server_m <= 1, f"algo.server_m must be in [0, 1], got {a.server_m}")
-    _choice("algo.symmetric", a.symmetric, SYMMETRIC)
 
     d = cfg.data
-    _choice("data.name", d.name, DATASETS)
-    _choice("data.partition", d.partition, PARTITIONS)
     _check(0 < d.noniid_ratio <= 1, f"data.noniid_ratio must be in (0, 1], got {d.noniid_ratio}")
     _check(d.alpha > 0, f"data.alpha (Dirichlet concentration) must be > 0, got {d.alpha}")
     _check(0 < d.proportion <= 1, f"data.proportion must be in (0, 1], got {d.proportion}")
-    _check(d.synthetic_size >= 10, f"data.synthetic_size must be at least 10, got {d.synthetic_size}")
+    _check(d.synthetic_size >= MIN_SYNTHETIC_SIZE, f"data.synthetic_size must be at least {MIN_SYNTHETIC_SIZE}, got {d.synthetic_size}")
     _check(2 <= d.num_classes <= 1000, f"data.num_classes must be in 2..1000, got {d.num_classes}")
     _check(8 <= d.image_size <= 512, f"data.image_size must be in 8..512, got {d.image_size}")
     _check(0 < d.crop_min <= 1, f"data.crop_min must be in (0, 1] (the smallest crop's share of the image area), got {d.crop_min}")
@@ -494,16 +579,16 @@ def validate(cfg: Config) -> None:
     _check(t.client_lr >= 0, f"train.client_lr must be >= 0 (0 = same as train.lr), got {t.client_lr}")
     _check(0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum}")
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
-    _choice("train.client_schedule", t.client_schedule, CLIENT_SCHEDULES)
     _check(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}")
     _check(t.checkpoint_minutes >= 0, f"train.checkpoint_minutes must be >= 0 (0 = off), got {t.checkpoint_minutes}")
+    _check(0 <= t.client_threads <= 1024, f"train.client_threads must be in 0..1024 (0 = all CPUs), got {t.client_threads}")
+    _check(0 <= t.server_threads <= 1024, f"train.server_threads must be in 0..1024 (0 = all CPUs), got {t.server_threads}")
 
     e = cfg.eval
     _check(e.every >= 0, f"eval.every must be >= 0 (0 = only at the end), got {e.every}")
     _check(e.every_steps >= 0, f"eval.every_steps must be >= 0 (0 = off), got {e.every_steps}")
     _check(e.knn_k >= 1, f"eval.knn_k must be >= 1, got {e.knn_k}")
     _check(e.knn_t > 0, f"eval.knn_t must be > 0, got {e.knn_t}")
-    _choice("eval.knn_features", e.knn_features, KNN_FEATURES)
     _check(e.linear_epochs >= 1, f"eval.linear_epochs must be >= 1, got {e.linear_epochs}")
     _check(e.linear_lr > 0, f"eval.linear_lr must be > 0, got {e.linear_lr}")
     _check(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
@@ -531,6 +616,9 @@ __all__ = [
     "RayConfig",
     "FlowerConfig",
     "load_config",
+    "bundled_config",
+    "bundled_names",
+    "resolve_config_path",
     "from_dict",
     "to_dict",
     "to_flat",

@@ -1,8 +1,9 @@
-"""The training loop: epochs, client sampling, steps, syncs, evaluation, checkpoints.
+"""The training loop: epochs, steps, syncs, evaluation, checkpoints, in one run folder.
 
-The engine decides *when* things happen; *what* happens is in ``mona_sfl.core`` (client,
-server, sync) and *where* clients run is the runtime's business. The engine computes no loss
-and touches no client tensor except to average fronts at a sync.
+The engine runs the schedule (:mod:`mona_sfl.core.schedule`); *what* happens is in
+``mona_sfl.core`` (server step, sync) and *where* the clients run is the runtime's business
+(:mod:`mona_sfl.runtime`). One step reads as the algorithm: the clients' forward, the
+server's step, the clients' backward, and a sync when the schedule says so.
 """
 
 from __future__ import annotations
@@ -11,39 +12,39 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
-import torch.nn.functional as F
 
 from mona_sfl import build
 from mona_sfl.checkpoint import (
+    CHECKPOINT_VERSION,
     CONFIG,
     METRICS,
     SUMMARY,
     MetricsLog,
     atomic_write_text,
-    load_checkpoint,
-    remove_stale_temps,
+    damaged,
+    prepare_resume,
+    resume_state,
     save_checkpoint,
-    truncate_metrics,
 )
 from mona_sfl.config import Config, dumps_toml, to_flat
-from mona_sfl.core.client import Activations, StateDict, sample_clients
-from mona_sfl.core.sync import divergence, fedavg
-from mona_sfl.eval.knn import extract_features, knn_accuracy, stratified_subset
-from mona_sfl.eval.linear import linear_probe
+from mona_sfl.core import AGGREGATIONS
+from mona_sfl.core.sync import StateDict, sync_fronts
+from mona_sfl.eval.monitor import Monitor
 from mona_sfl.interrupt import TrainingStopped, pause_point, rearm, set_active_run, stop_requested
-from mona_sfl.runtime.base import ClientRuntime, make_runtime
+from mona_sfl.runtime import RUNTIMES, AllClientsLost
+from mona_sfl.runtime.sharded import ShardedRuntime
+from mona_sfl.threads import threads
 
 log = logging.getLogger("mona_sfl")
-CHECKPOINT_VERSION = 1
 
-
-class AllClientsLost(RuntimeError):
-    """Every sampled client failed in a step; the last checkpoint is kept."""
+#: A runtime instance, or a function making one from the run's config (``Trainer.resume``).
+RuntimeArg = Union[Any, Callable[[Config], Any], None]
 
 
 @dataclass
@@ -101,9 +102,13 @@ class Progress:
 
 
 class Trainer:
-    """One run, in one run folder. ``Trainer(cfg, out).run()`` or ``Trainer.resume(out).run()``."""
+    """One run, in one run folder. ``Trainer(cfg, out).run()`` or ``Trainer.resume(out).run()``.
 
-    def __init__(self, cfg: Config, run_dir: str | Path, *, progress: bool = True, runtime: ClientRuntime | None = None) -> None:
+    ``runtime``: where the clients run; by default the runtime named by ``cfg.runtime``. Pass
+    an instance, or a function of the config (a Flower ServerApp passes one over its Grid).
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | Path, *, progress: bool = True, runtime: RuntimeArg = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress_enabled = progress
@@ -114,12 +119,18 @@ class Trainer:
         self.test_data = build.load_data(cfg, "test")
         self.num_classes = len(self.train_data.classes)
         self.parts = build.client_partition(cfg, self.train_data.labels, self.num_classes)
-        self.steps_per_epoch = build.steps_per_epoch(cfg, self.parts)
+        self.schedule = build.schedule(cfg, self.parts)
+        self.steps_per_epoch = self.schedule.steps_per_epoch
         self.server = build.build_server(cfg, self.device)
         front, _ = build.build_models(cfg)
-        self.eval_front = front.to(self.device)
-        self.global_online: StateDict = {k: v.detach().clone() for k, v in self.eval_front.state_dict().items()}
-        self.runtime = runtime or make_runtime(cfg, train=self.train_data, parts=self.parts, device=self.device)
+        self.global_online: StateDict = {k: v.detach().clone() for k, v in front.state_dict().items()}
+        self.monitor = Monitor(cfg, self.train_data, self.test_data, front, self.device)
+        self.aggregate = AGGREGATIONS.get(cfg.fed.aggregation)
+        if runtime is None:  # the config's runtime; in-process hosts reuse the data loaded here
+            runtime = RUNTIMES.get(cfg.runtime)(cfg, train=self.train_data, parts=self.parts, device=self.device)
+        elif not isinstance(runtime, ShardedRuntime):
+            runtime = runtime(cfg)
+        self.runtime: ShardedRuntime = runtime
 
         self.epoch = 0
         self.step_in_epoch = 0
@@ -130,7 +141,6 @@ class Trainer:
         self.last_knn: float | None = None
         self.last_loss = float("nan")
         self.syncs = 0
-        self.lost_total: list[int] = []
         self._metrics: MetricsLog | None = None
         self._t_run_start = time.perf_counter()
         self._last_save = time.monotonic()  # for train.checkpoint_minutes
@@ -151,8 +161,7 @@ class Trainer:
 
     @property
     def total_steps(self) -> int:
-        total = self.cfg.train.epochs * self.steps_per_epoch
-        return min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps else total
+        return self.schedule.total_steps
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -194,7 +203,7 @@ class Trainer:
     def save(self, metrics_records: int | None = None) -> None:
         """Checkpoint now (atomically; the one it replaces stays as ``checkpoint.prev.pt``).
 
-        Only call it where the state is consistent: no client forward pending. The metrics
+        Call it between steps (the runtime sends the clients' last backward first). The metrics
         records it counts are flushed and fsynced first. ``metrics_records`` overrides the count
         (the final checkpoint excludes the final evaluation, which a resume recomputes).
         """
@@ -217,66 +226,24 @@ class Trainer:
         return TrainingStopped(signum, self.global_step, self.run_dir)
 
     # ------------------------------------------------------------------ evaluation
-    def _encoder(self, kind: str):  # noqa: ANN202 - a closure over the eval models
-        front, server = self.eval_front, self.server.online
-
-        def encode(x: torch.Tensor) -> torch.Tensor:
-            a = front(x)
-            return F.normalize(server(a), dim=1) if kind == "projector" else server.features(a)
-
-        return encode
-
-    def _eval_sets(self) -> tuple[Any, Any]:
-        bank, test = self.train_data, self.test_data
-        if self.cfg.data.bank_size and self.cfg.data.bank_size < len(bank):
-            g = torch.Generator().manual_seed(self.cfg.seed + 7)
-            bank = bank.subset(torch.randperm(len(bank), generator=g)[: self.cfg.data.bank_size].sort().values.numpy())
-        if self.cfg.data.test_size and self.cfg.data.test_size < len(test):
-            test = test.subset(stratified_subset(test.labels, self.cfg.data.test_size))
-        return bank, test
-
-    @torch.no_grad()
-    def _features(self, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        self.eval_front.load_state_dict(self.global_online)
-        was = self.server.online.training
-        self.eval_front.eval()
-        self.server.online.eval()
-        try:
-            bank, test = self._eval_sets()
-            enc = self._encoder(kind)
-            bs = self.cfg.eval.batch_size
-            fb = extract_features(enc, bank.images, mean=bank.mean, std=bank.std, batch_size=bs, device=self.device)
-            ft = extract_features(enc, test.images, mean=bank.mean, std=bank.std, batch_size=bs, device=self.device)
-        finally:
-            self.server.online.train(was)
-        return fb, bank.labels, ft, test.labels
-
     def knn(self) -> float:
-        fb, lb, ft, lt = self._features(self.cfg.eval.knn_features)
-        return knn_accuracy(fb, lb, ft, lt, self.num_classes, k=self.cfg.eval.knn_k, t=self.cfg.eval.knn_t)
+        with threads(self.cfg.train.server_threads):
+            return self.monitor.knn(self.global_online, self.server.online)
 
     def linear(self) -> float:
-        fb, lb, ft, lt = self._features("backbone")
-        res = linear_probe(
-            fb, lb, ft, lt, self.num_classes, epochs=self.cfg.eval.linear_epochs, lr=self.cfg.eval.linear_lr, seed=self.cfg.seed, device=self.device
-        )
-        return res.top1
+        with threads(self.cfg.train.server_threads):
+            return self.monitor.linear(self.global_online, self.server.online)
 
     # ------------------------------------------------------------------ sync
     def sync(self, pool: list[int]) -> dict[str, float]:
-        fr = self.runtime.fronts(pool)
+        """The sampled clients' fronts merged (MonAcoSFL: momentum fronts aligned too) and loaded into every client."""
+        fronts = self.runtime.fronts(pool)
         pause_point("sync", self.global_step)
-        ids = [c for c in pool if c in fr]
-        onl = [fr[c][0] for c in ids]
-        mom = [fr[c][1] for c in ids]
-        avg_online = fedavg(onl)
-        avg_momentum = fedavg(mom)
-        stats = divergence(onl, mom, avg_online, avg_momentum)
-        align = self.cfg.algo.align_momentum
-        self.runtime.load_global(avg_online, avg_momentum if align else None)
-        self.global_online = avg_online
+        result = sync_fronts([fronts[c] for c in pool if c in fronts], align=self.cfg.algo.align_momentum, aggregate=self.aggregate)
+        self.runtime.load(result.fronts)
+        self.global_online = result.fronts.online
         self.syncs += 1
-        return stats
+        return result.stats
 
     # ------------------------------------------------------------------ main loop
     def _alive(self, pool: list[int]) -> list[int]:
@@ -292,21 +259,20 @@ class Trainer:
         rearm()  # the runtime may have replaced the SIGTERM handler (ray.init does)
         t_start = self._t_run_start = self._running_since = time.perf_counter()
         self._last_save = time.monotonic()
-        total = self.total_steps
-        progress = Progress(total, enabled=self.progress_enabled)
+        progress = Progress(self.total_steps, enabled=self.progress_enabled)
         try:
             if not resumed and self.knn_init is None and (cfg.eval.every > 0 or cfg.eval.every_steps > 0):
                 self.knn_init = self.knn()
                 self._log({"epoch": 0, "step": 0, "knn_top1": self.knn_init, "init": True})
             if not resumed:
                 self.save()  # step 0: a run killed at any later moment can be resumed
-            done = self.global_step >= total
+            done = self.global_step >= self.total_steps
             while not done and self.epoch < cfg.train.epochs:
-                pool = sample_clients(cfg.seed, self.epoch, cfg.fed.num_clients, cfg.clients_per_epoch)
+                pool = self.schedule.pool(self.epoch)
                 if self.step_in_epoch == 0:
                     self.runtime.begin_epoch(self.epoch, pool)
                     self.server.set_epoch(self.epoch)
-                done = self._run_epoch(pool, progress, total)
+                done = self._run_epoch(pool, progress)
                 if self.step_in_epoch == 0:  # the epoch ran to its end (not stopped by max_steps)
                     self.runtime.end_epoch()
                     self.epoch += 1
@@ -331,43 +297,33 @@ class Trainer:
                 self._metrics.close()
         return summary
 
-    def _run_epoch(self, pool: list[int], progress: Progress, total: int) -> bool:
-        cfg = self.cfg
-        T = self.timers
-        spe = self.steps_per_epoch
-        acts: dict[int, Activations] | None = None
-        for s in range(self.step_in_epoch, spe):
+    def _run_epoch(self, pool: list[int], progress: Progress) -> bool:
+        """The steps of one epoch from ``step_in_epoch``; True when the run's last step was made."""
+        cfg, T, clients = self.cfg, self.timers, self.runtime
+        for s in range(self.step_in_epoch, self.steps_per_epoch):
             t0 = T.now()
-            alive = self._alive(pool)
-            if acts is None:
-                acts = self.runtime.forward(alive)
+            acts = clients.forward(self._alive(pool))  # the clients' fronts (with the last step's backward)
             t1 = T.now()
-            alive = self._alive(pool)
-            res = self.server.step([acts[c] for c in alive if c in acts])
+            T.client += t1 - t0  # before the server step: timers read at a server step hold everything before it
+            with threads(cfg.train.server_threads):  # InfoNCE, server backward and step, enqueue
+                res = self.server.step([acts[c] for c in self._alive(pool) if c in acts])
             t2 = T.now()
+            clients.backward(res.grads)  # the gradients go down (with the next request)
             self.global_step += 1
             pause_point("step", self.global_step)
             self.step_in_epoch = s + 1
-            last_of_epoch = s == spe - 1
-            finished = self.global_step >= total
-            sync_due = last_of_epoch or finished or (cfg.fed.sync_every > 0 and (s + 1) % cfg.fed.sync_every == 0)
-            stopping = stop_requested() is not None
-            # a checkpoint needs a consistent state: the clients' backward done, no forward pending
-            ckpt_due = stopping or self._checkpoint_due()
-            if sync_due or ckpt_due:
-                self.runtime.backward(res.grads)
-                acts = None
-            else:
-                acts = self.runtime.backward_forward(res.grads, self._alive(pool))
-            t3 = T.now()
-            T.client += (t1 - t0) + (t3 - t2)
+            last_of_epoch = self.step_in_epoch == self.steps_per_epoch
+            finished = self.global_step >= self.total_steps
             T.server += t2 - t1
-            self.images += sum(g.shape[0] for g in res.grads.values()) // (2 if cfg.algo.symmetric == "client" else 1)
+            self.images += sum(g.shape[0] for g in res.grads.values()) * cfg.train.batch_size // cfg.rows_per_client
             self.last_loss = res.loss
             rec: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step, "loss": res.loss, "clients": len(res.grads)}
-            if sync_due:
+            if self.schedule.sync_due(self.step_in_epoch, self.global_step):
+                t3 = T.now()
+                clients.flush()  # the backward now, so that the sync times only the sync
                 t4 = T.now()
                 stats = self.sync(self._alive(pool))
+                T.client += t4 - t3
                 T.sync += T.now() - t4
                 rec.update({"sync": True, **stats})
             self._log(rec)
@@ -382,7 +338,7 @@ class Trainer:
             if finished:
                 return True
             signum = stop_requested()
-            if not last_of_epoch and (ckpt_due or (signum is not None and acts is None)):
+            if not last_of_epoch and (signum is not None or self._checkpoint_due()):
                 self.save()
                 if signum is not None:
                     raise self._stop(signum)
@@ -395,6 +351,7 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         cfg = self.cfg
+        self.runtime.flush()
         trained = self._metrics.count if self._metrics is not None else 0  # records before the final evaluation
         knn = self.knn()
         self._log({"epoch": self.epoch, "step": self.global_step, "knn_top1": knn, "final": True})
@@ -410,9 +367,10 @@ class Trainer:
             "steps_per_s": self.global_step / self.train_time if self.train_time else 0.0,
             "wall_s": self.train_time,
             "runtime": cfg.runtime,
-            "method": "MonAcoSFL" if cfg.algo.align_momentum else "MocoSFL",
+            "method": cfg.method,
             "arch": cfg.model.arch,
             "cut": cfg.model.cut,
+            "num_classes": self.num_classes,
             "bytes_up": self.runtime.bytes["up"],
             "bytes_down": self.runtime.bytes["down"],
             "bytes_sync": self.runtime.bytes["sync"],
@@ -431,55 +389,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     @classmethod
-    def resume(cls, run_dir: str | Path, *, progress: bool = True, max_steps: int | None = None) -> "Trainer":
-        from mona_sfl.checkpoint import PREVIOUS, CheckpointError, load_run_config
-        from mona_sfl.config import with_overrides
-
+    def resume(cls, run_dir: str | Path, *, progress: bool = True, max_steps: int | None = None, runtime: RuntimeArg = None) -> "Trainer":
+        """The trainer of the run in ``run_dir``, at its last checkpoint (``max_steps`` may extend it)."""
         run_dir = Path(run_dir)
-        cfg = load_run_config(run_dir)
-        state = load_checkpoint(run_dir)
-        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-            raise CheckpointError(f"the checkpoint in {run_dir} holds no mona_sfl training state: restore {PREVIOUS} or start a new run")
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise CheckpointError(f"checkpoint in {run_dir} has version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
-        diff = _config_diff(state.get("config", {}), cfg)
-        if diff:
-            raise CheckpointError(f"{run_dir / CONFIG} does not match the checkpoint (differs in: {', '.join(diff[:8])}): restore the original config")
-        if max_steps is not None:
-            cfg = with_overrides(cfg, [f"train.max_steps={max_steps}"])
-        trainer = cls(cfg, run_dir, progress=progress)
+        cfg, state = resume_state(run_dir, max_steps)
+        trainer = cls(cfg, run_dir, progress=progress, runtime=runtime)
         try:
             trainer.load_state_dict(state)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
             trainer.runtime.close()
             if type(e).__module__.startswith("mona_sfl"):  # a runtime fault or our own error, not a damaged file
                 raise
-            why = str(e).splitlines()[0][:200] if str(e) else ""
-            raise CheckpointError(
-                f"the checkpoint in {run_dir} is damaged or incomplete ({type(e).__name__}: {why}): restore {PREVIOUS} or start a new run"
-            ) from None
-        if max_steps is not None and 0 < max_steps < trainer.global_step:
-            trainer.runtime.close()
-            raise CheckpointError(
-                f"--set train.max_steps={max_steps} is below the checkpoint's step {trainer.global_step}: pass a larger value, or 0 for no limit"
-            )
-        keep = state.get("metrics_records")
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
-            trainer.runtime.close()
-            raise CheckpointError(f"the checkpoint in {run_dir} is damaged (metrics_records={keep!r}): restore {PREVIOUS} or start a new run")
-        remove_stale_temps(run_dir)  # a checkpoint write that was killed
-        truncate_metrics(run_dir / METRICS, trainer.global_step, keep=None if keep is None else int(keep))
-        if max_steps is not None:
-            atomic_write_text(run_dir / CONFIG, dumps_toml(cfg))
+            raise damaged(run_dir, e) from None
+        prepare_resume(run_dir, state, cfg, max_steps=max_steps)
         return trainer
-
-
-def _config_diff(saved: dict[str, Any], cfg: Config) -> list[str]:
-    """Keys where a checkpoint's config and ``cfg`` differ. A key the checkpoint lacks (added to
-    the schema after it was written) counts as equal when ``cfg`` has its default."""
-    flat, defaults = to_flat(cfg), to_flat(Config())
-    diff = [k for k, v in flat.items() if (saved[k] if k in saved else defaults.get(k)) != v]
-    return sorted(diff + [k for k in saved if k not in flat])
 
 
 def count_params(module: torch.nn.Module) -> int:

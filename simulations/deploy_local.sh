@@ -4,8 +4,8 @@
 # `flwr run` with an isolated FLWR_HOME. Writes the usual run folder and stops every process
 # it started, also on failure or Ctrl-C.
 #
-#   simulations/deploy_local.sh N [KEY=VALUE ...] [--config FILE] [--out DIR] [--probe MB] [--tls DIR|auto] [--keep]
-#   simulations/deploy_local.sh 2 train.max_steps=4 --out runs/deployed
+#   simulations/deploy_local.sh [--nodes N] [--config FILE] [--set KEY=VALUE ...] [--out DIR] [--probe MB] [--tls DIR|auto] [--keep]
+#   simulations/deploy_local.sh --nodes 2 --set train.max_steps=4 --out runs/deployed
 #
 # Exit codes: 0 success, 2 bad input, 1 the run failed. See --help for TLS flags of a real deployment.
 set -euo pipefail
@@ -31,6 +31,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-"$PYTHON" -m mona_sfl.runtime.flower.deploy "$@" &
+"$PYTHON" -m mona_sfl deploy-local "$@" &
 child=$!
 wait "$child"

@@ -13,4 +13,4 @@ set -euo pipefail
 
 PYTHON="${PYTHON:-python}"
 if [[ -x "${VIRTUAL_ENV:-}/bin/python" ]]; then PYTHON="$VIRTUAL_ENV/bin/python"; fi
-exec "$PYTHON" -m mona_sfl.runtime.flower.certs "$@"
+exec "$PYTHON" -m mona_sfl certs "$@"

@@ -16,10 +16,12 @@ from conftest import tiny_overrides
 from mona_sfl import build
 from mona_sfl.checkpoint import CheckpointError
 from mona_sfl.config import ConfigError, load_config
-from mona_sfl.data.datasets import ImageData
+from mona_sfl.data import ImageData
 from mona_sfl.engine import Trainer
-from mona_sfl.models.split import NUM_CUTS, cut_info
-from mona_sfl.privacy import Decoder, attack_config, attack_front, attack_main, attack_run, aux_indices, upsampling_stages
+from mona_sfl.models import NUM_CUTS
+from mona_sfl.models.split import cut_info
+from mona_sfl.cli.attack import run as attack_main
+from mona_sfl.privacy import Decoder, attack_config, attack_front, attack_run, aux_indices, upsampling_stages
 from mona_sfl.privacy.attack import _image_hashes
 
 TINY = tiny_overrides("train.epochs=1", "train.steps_per_epoch=2")

@@ -326,11 +326,7 @@ VALUES = st.one_of(
     st.booleans().map(str),
     st.text(max_size=30),
 )
-CHOICES = {
-    "runtime": cfgmod.RUNTIMES, "device": cfgmod.DEVICES, "model.arch": cfgmod.ARCHS, "model.norm": cfgmod.NORMS,
-    "algo.symmetric": cfgmod.SYMMETRIC, "data.name": cfgmod.DATASETS, "data.partition": cfgmod.PARTITIONS,
-    "train.client_schedule": cfgmod.CLIENT_SCHEDULES, "eval.knn_features": cfgmod.KNN_FEATURES,
-}
+CHOICES = dict(cfgmod.VOCABULARY)  # key -> its choices, from the modules that own them
 TYPES = {k: type(v) for k, v in to_flat(Config()).items()}
 
 

@@ -13,12 +13,12 @@ from conftest import tiny_overrides, train
 from mona_sfl import build
 from mona_sfl.comms import (
     comm_costs,
-    comm_main,
     comm_table,
     front_state_bytes,
     reference_overhead,
     resolve_steps_per_epoch,
 )
+from mona_sfl.cli.comm import run as comm_main
 from mona_sfl.config import load_config
 from mona_sfl.core.sync import fedavg
 
@@ -82,12 +82,12 @@ def _state_payload(sd: dict[str, torch.Tensor]) -> int:
     ],
 )
 def test_analytic_bytes_equal_serialised_payloads(arch: str, norm: str, symmetric: str, align: bool, cut: int) -> None:
-    """One real step of a ClientGroup + Server and one sync: the payloads match comm_costs exactly."""
+    """One real step of a ClientHost + Server and one sync: the payloads match comm_costs exactly."""
     cfg = tiny_cfg(f"model.arch={arch}", f"model.norm={norm}", f"algo.symmetric={symmetric}", f"algo.align_momentum={str(align).lower()}", f"model.cut={cut}")
     costs = comm_costs(cfg)
     ids = [0, 1, 2]
     train = build.load_data(cfg, "train")
-    group = build.build_client_group(cfg, ids, train=train, device=torch.device("cpu"))
+    group = build.build_host(cfg, ids, train=train, device=torch.device("cpu"))
     server = build.build_server(cfg, torch.device("cpu"))
     group.begin_epoch(0, ids)
     acts = group.forward(ids)

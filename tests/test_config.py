@@ -82,3 +82,18 @@ def test_bad_files(tmp_path: Path) -> None:
     ext.write_text("{}")
     with pytest.raises(ConfigError, match="unknown format"):
         load_config(ext)
+
+
+def test_readme_key_table_is_the_schema() -> None:
+    """The README's key reference is generated from the schema: every key, its default, its choices."""
+    from pathlib import Path
+
+    from mona_sfl.config import key_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    begin = "<!-- keys: generated from the schema by mona_sfl.config.key_table(); a test checks it -->\n"
+    assert begin in readme and "\n<!-- keys: end -->" in readme
+    table = readme.split(begin, 1)[1].split("\n<!-- keys: end -->", 1)[0]
+    assert table == key_table(), "README 'Keys' table is stale; replace it with mona_sfl.config.key_table()"
+    for k in to_flat(Config()):
+        assert f"| `{k}` |" in table

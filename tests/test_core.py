@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mona_sfl.core.client import Activations, ClientGroup, ClientHParams, ClientWorker, sample_clients
+from mona_sfl.core.client import Activations, ClientHParams, ClientWorker
+from mona_sfl.core.host import ClientHost as ClientGroup
+from mona_sfl.core.schedule import sample_clients
+from mona_sfl.core.sync import GlobalFronts
 from mona_sfl.core.moco import KeyQueue, ema_update, infonce
 from mona_sfl.core.server import Server
 from mona_sfl.core.sync import divergence, fedavg
@@ -253,7 +256,7 @@ def test_fedavg_with_sampling_equals_mean_of_sampled_clients() -> None:
     avg = fedavg([fr[c][0] for c in pool])
     for k in expected:
         assert torch.allclose(avg[k], expected[k], atol=1e-7)
-    group.load_global(avg, None)
+    group.load(GlobalFronts(avg, None))
     # every client, sampled or not, now has the average online front
     for cid in range(6):
         w = group._materialise(cid) if cid not in group.live else group.live[cid]
@@ -272,7 +275,7 @@ def test_align_momentum_changes_momentum_fronts_and_nothing_else() -> None:
         fr = group.fronts(pool)
         on = fedavg([fr[c][0] for c in pool])
         mo = fedavg([fr[c][1] for c in pool])
-        group.load_global(on, mo if align else None)
+        group.load(GlobalFronts(on, mo if align else None))
         runs[align] = (group, srv, mo)
     (g0, s0, _), (g1, s1, mo) = runs[False], runs[True]
     for cid in range(3):
@@ -303,7 +306,7 @@ def test_idle_clients_cost_no_weights() -> None:
     group.begin_epoch(0, pool)
     _train_steps(group, pool, make_server(), 1)
     fr = group.fronts(pool)
-    group.load_global(fedavg([fr[c][0] for c in pool]), fedavg([fr[c][1] for c in pool]))
+    group.load(GlobalFronts(fedavg([fr[c][0] for c in pool]), fedavg([fr[c][1] for c in pool])))
     group.end_epoch()
     assert set(group.records) == {0, 1}
     assert all(r.online is None and r.momentum is None and r.optimizer is not None for r in group.records.values())

@@ -414,7 +414,7 @@ def test_dockerignore_keeps_the_context_small_and_clean() -> None:
         "bench/throughput.py",
     ):
         assert is_ignored(path, rules), f"{path} would be sent to the Docker daemon"
-    for path in ("pyproject.toml", "README.md", "mona_sfl/cli.py", "mona_sfl/runtime/flower/deploy.py", "configs/default.toml", "docker/Dockerfile", "docker/flwr-submit"):
+    for path in ("pyproject.toml", "README.md", "mona_sfl/cli/__init__.py", "mona_sfl/runtime/flower/deploy.py", "configs/default.toml", "docker/Dockerfile", "docker/flwr-submit"):
         assert not is_ignored(path, rules), f"{path} is needed by the image but ignored"
 
 

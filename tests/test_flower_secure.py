@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key  # noqa: E402
 
 from mona_sfl.config import load_config  # noqa: E402
+from mona_sfl.cli import main  # noqa: E402
 from mona_sfl.runtime.flower import certs  # noqa: E402
 from mona_sfl.runtime.flower.deploy import Running, deploy, tagged_pids  # noqa: E402
 
@@ -57,8 +58,8 @@ def test_certs_are_what_flower_loads(tmp_path: Path) -> None:
     # never overwrites; the CLI says so with exit code 2, and adds node keys after the existing ones
     with pytest.raises(certs.CertError, match="already exists"):
         certs.make_test_certs(out)
-    assert certs.main([str(out)]) == 2
-    assert certs.main([str(out), "--node-keys-only", "--nodes", "1"]) == 0
+    assert main(["certs", str(out)]) == 2
+    assert main(["certs", str(out), "--node-keys-only", "--nodes", "1"]) == 0
     assert (out / "supernode-2.key").is_file() and (out / "supernode-0.key").read_bytes() == (tmp_path / "c" / "supernode-0.key").read_bytes()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mona_sfl.data.datasets import DataError
+from mona_sfl.data import DataError
 from mona_sfl.data.partition import PARTITIONS, dirichlet, iid, label_shards, partition
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mona_sfl.core.client import ClientGroup, ClientHParams
-from mona_sfl.core.sync import fedavg
+from mona_sfl.core.client import ClientHParams
+from mona_sfl.core.host import ClientHost as ClientGroup
+from mona_sfl.core.sync import GlobalFronts, fedavg
 from mona_sfl.models import build_split
 
 
@@ -42,7 +43,7 @@ def test_thousand_clients_memory(align: bool) -> None:
     acts = group.forward(pool)
     group.backward({c: torch.randn_like(a.a_q) * 1e-3 for c, a in acts.items()})
     fr = group.fronts(pool)
-    group.load_global(fedavg([fr[c][0] for c in pool]), fedavg([fr[c][1] for c in pool]) if align else None)
+    group.load(GlobalFronts(fedavg([fr[c][0] for c in pool]), fedavg([fr[c][1] for c in pool]) if align else None))
     group.end_epoch()
 
     per_client = front_bytes * (1 if align else 2)  # SGD momentum buffer (+ own momentum front under MocoSFL)

@@ -176,9 +176,6 @@ class CorruptingRuntime(LocalRuntime):
     def forward(self, ids):  # type: ignore[no-untyped-def]
         return self._corrupt(super().forward(ids))
 
-    def backward_forward(self, grads, ids):  # type: ignore[no-untyped-def]
-        return self._corrupt(super().backward_forward(grads, ids))
-
 
 def test_engine_drops_the_client_for_one_step_and_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = load_config(None, [*TINY, "train.max_steps=3", "eval.every=0", "eval.linear=false", "eval.knn_k=5"])

@@ -1,16 +1,15 @@
-"""The split-depth study: --quick writes the CSV and the plots, and a re-run skips finished rows."""
+"""The split-depth study (`mona-sfl study`): --quick writes the CSV and the plots, and a re-run skips finished rows."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = [
     "method", "cut", "seed", "knn_top1", "linear_top1", "mia_mse", "mia_psnr", "mia_ssim",
     "bytes_per_step", "bytes_per_sync", "bytes_total", "client_params", "wall_s", "ol_ml_mean",
@@ -27,12 +26,11 @@ ARGS = [
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("split_depth_study", ROOT / "simulations" / "split_depth_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
+    from mona_sfl.cli import main
+    from mona_sfl.studies import split_depth
+
     threads = torch.get_num_threads()
-    yield mod
+    yield SimpleNamespace(main=lambda argv: main(["study", *argv]), write_rows=split_depth.write_rows)
     torch.set_num_threads(threads)  # --quick sets one thread
 
 

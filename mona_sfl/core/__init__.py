@@ -1,1 +1,17 @@
+"""The algorithm: MoCo pieces, the client front, the client host, the server, the schedule, the sync.
 
+This package face holds the algorithm's vocabulary and imports nothing heavy; the config
+validates against it without importing torch.
+"""
+
+from __future__ import annotations
+
+from mona_sfl.registry import Choices, Registry
+
+#: ``algo.symmetric``: ``client`` ([x1; x2] / [x2; x1] doubling on the client, reference default),
+#: ``original`` (MocoSFL's two-term loss), ``none``.
+SYMMETRIC = Choices("algo.symmetric", ("client", "original", "none"))
+#: ``fed.aggregation``: how the sampled clients' fronts are merged at a sync.
+AGGREGATIONS = Registry("fed.aggregation", {"fedavg": "mona_sfl.core.sync:fedavg"})
+
+__all__ = ["AGGREGATIONS", "SYMMETRIC"]

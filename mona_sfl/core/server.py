@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections import Counter
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mona_sfl.core.client import Activations, cosine_lr
+from mona_sfl.core.client import Activations
 from mona_sfl.core.moco import KeyQueue, ema_update, infonce
+from mona_sfl.core.schedule import server_lr
 
 
 log = logging.getLogger("mona_sfl.server")
@@ -169,7 +170,7 @@ class Server:
     def set_epoch(self, epoch: int) -> None:
         """Cosine LR over epochs, stepped once per epoch (reference)."""
         self.epoch = epoch
-        lr = cosine_lr(self.lr, epoch, self.epochs)
+        lr = server_lr(self.lr, epoch, self.epochs)
         for grp in self.optimizer.param_groups:
             grp["lr"] = lr
 

@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-DATASETS: tuple[str, ...] = ("synthetic", "cifar10", "cifar100", "svhn", "stl10", "imagefolder")
+from mona_sfl.data import DATASETS, MIN_SYNTHETIC_SIZE
+from mona_sfl.data.images import DataError, ImageData
+
 SPLITS: tuple[str, ...] = ("train", "test")
 
 #: Normalisation constants used by the reference code (CIFAR) and common values (SVHN, STL-10).
@@ -54,65 +55,6 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".
 
 #: Threads decoding image files (file reads overlap; decoding itself mostly holds the GIL).
 DECODE_THREADS = 2
-
-
-class DataError(ValueError):
-    """A dataset, partition or data setting is unusable; the message says how to fix it."""
-
-
-@dataclass
-class ImageData:
-    """A labelled image set held in memory.
-
-    ``images`` is ``uint8 (N, 3, H, W)``, ``labels`` is ``int64 (N,)``, ``classes[k]`` names
-    label ``k``, and ``mean``/``std`` are the per-channel constants for ``Normalize``.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: list[str]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def __post_init__(self) -> None:
-        im, lb = self.images, self.labels
-        if not isinstance(im, torch.Tensor) or im.dtype != torch.uint8 or im.dim() != 4 or im.shape[1] != 3:
-            raise DataError(
-                f"ImageData.images must be a uint8 tensor of shape (N, 3, H, W), got "
-                f"{getattr(im, 'dtype', type(im))} {tuple(getattr(im, 'shape', ()))}; decode images to uint8 RGB first"
-            )
-        if not isinstance(lb, torch.Tensor) or lb.dtype != torch.int64 or lb.dim() != 1 or len(lb) != len(im):
-            raise DataError(
-                f"ImageData.labels must be an int64 tensor of shape ({len(im)},), got "
-                f"{getattr(lb, 'dtype', type(lb))} {tuple(getattr(lb, 'shape', ()))}"
-            )
-        if len(lb) and (int(lb.min()) < 0 or int(lb.max()) >= len(self.classes)):
-            raise DataError(
-                f"ImageData labels must lie in [0, {len(self.classes)}) (one per class name), "
-                f"got range [{int(lb.min())}, {int(lb.max())}]"
-            )
-        self.mean = tuple(float(x) for x in self.mean)  # type: ignore[assignment]
-        self.std = tuple(float(x) for x in self.std)  # type: ignore[assignment]
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise DataError(f"ImageData needs 3 means and 3 positive stds, got mean={self.mean} std={self.std}")
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        """Number of class names (labels are in ``[0, num_classes)``)."""
-        return len(self.classes)
-
-    def subset(self, idx: Any) -> "ImageData":
-        """The images and labels at ``idx`` (indices, a boolean mask, or a slice); shares stats."""
-        if isinstance(idx, slice):
-            sel: Any = idx
-        else:
-            sel = torch.as_tensor(np.asarray(idx))
-            if sel.dtype != torch.bool:
-                sel = sel.long()
-        return ImageData(self.images[sel], self.labels[sel], list(self.classes), self.mean, self.std)
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,23 +84,40 @@ def load_dataset(
     if not isinstance(image_size, (int, np.integer)) or image_size < 1:
         raise DataError(f"data.image_size must be a positive integer, got {image_size!r}")
 
-    if name == "synthetic":
-        from .synthetic import make_synthetic
+    return DATASETS.get(name)(
+        name, split, root=root, download=bool(download), seed=int(seed), synthetic_size=synthetic_size,
+        num_classes=num_classes, image_size=int(image_size),
+    )
 
-        if not isinstance(synthetic_size, (int, np.integer)) or synthetic_size < 5:
-            raise DataError(
-                f"data.synthetic_size must be an integer >= 5 (the test split has synthetic_size // 5 images), "
-                f"got {synthetic_size!r}"
-            )
-        split_seed = int(np.random.SeedSequence([int(seed), SPLITS.index(split)]).generate_state(1)[0])
-        n = int(synthetic_size) if split == "train" else int(synthetic_size) // 5
-        return make_synthetic(n, seed=split_seed, num_classes=num_classes, image_size=int(image_size))
 
+def load_synthetic(name: str, split: str, *, seed: int, synthetic_size: int, num_classes: int, image_size: int, **_: Any) -> ImageData:
+    """``synthetic``: the built-in shape set, train and test from independent seeds."""
+    from mona_sfl.data.synthetic import make_synthetic
+
+    if not isinstance(synthetic_size, (int, np.integer)) or synthetic_size < MIN_SYNTHETIC_SIZE:
+        raise DataError(
+            f"data.synthetic_size must be an integer >= {MIN_SYNTHETIC_SIZE} (the test split has synthetic_size // 5 images), "
+            f"got {synthetic_size!r}"
+        )
+    split_seed = int(np.random.SeedSequence([int(seed), SPLITS.index(split)]).generate_state(1)[0])
+    n = int(synthetic_size) if split == "train" else int(synthetic_size) // 5
+    return make_synthetic(n, seed=split_seed, num_classes=num_classes, image_size=int(image_size))
+
+
+def _files_root(name: str, root: str | None) -> Path:
     if root is None or str(root) == "":
         raise DataError(f"dataset {name!r} reads files: set data.dir to its directory")
-    if name == "imagefolder":
-        return _load_imagefolder(Path(root), split, int(image_size))
-    return _load_torchvision(name, Path(root), split, bool(download), int(image_size))
+    return Path(root)
+
+
+def load_imagefolder(name: str, split: str, *, root: str | None, image_size: int, **_: Any) -> ImageData:
+    """``imagefolder``: class folders of image files (see the module docstring)."""
+    return _load_imagefolder(_files_root(name, root), split, int(image_size))
+
+
+def load_torchvision(name: str, split: str, *, root: str | None, download: bool, image_size: int, **_: Any) -> ImageData:
+    """CIFAR-10/100, SVHN, STL-10 through ``torchvision.datasets``."""
+    return _load_torchvision(name, _files_root(name, root), split, bool(download), int(image_size))
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .datasets import DataError
+from mona_sfl.data import PARTITIONS
 
-PARTITIONS: tuple[str, ...] = ("iid", "noniid", "dirichlet")
+from .images import DataError
 
 _DIRICHLET_TRIES = 100
 

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from .datasets import DataError, ImageData
+from .images import DataError, ImageData
 from .views import TwoViews
 
 _AUG_STREAM = 1  # domain tag for augmentation seeds

@@ -46,7 +46,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .datasets import DataError, ImageData
+from .images import DataError, ImageData
 
 #: Class names, in label order. ``make_synthetic(num_classes=k)`` uses the first ``k``.
 SHAPES: tuple[str, ...] = (

@@ -37,7 +37,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .datasets import DataError
+from .images import DataError
 
 _GRAY = (0.2989, 0.587, 0.114)
 _BLUR_TAPS = 13  # see module docstring

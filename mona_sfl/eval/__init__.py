@@ -1,13 +1,28 @@
-"""Evaluation: feature extraction, weighted kNN monitor and linear probe."""
+"""Evaluation: feature extraction, weighted kNN monitor, linear probe, and the run's monitor.
 
-from mona_sfl.eval.knn import extract_features, knn_accuracy, knn_predict
-from mona_sfl.eval.linear import ProbeResult, cosine_lr, linear_probe
+This package face holds the vocabulary (:data:`KNN_FEATURES`) and imports nothing heavy.
+"""
 
-__all__ = [
-    "extract_features",
-    "knn_predict",
-    "knn_accuracy",
-    "ProbeResult",
-    "linear_probe",
-    "cosine_lr",
-]
+from __future__ import annotations
+
+from mona_sfl.registry import Choices, lazy_exports
+
+#: ``eval.knn_features``: the kNN monitor's features, the projector output (reference) or the pooled backbone.
+KNN_FEATURES = Choices("eval.knn_features", ("projector", "backbone"))
+
+_LAZY = {
+    "extract_features": "knn",
+    "knn_predict": "knn",
+    "knn_accuracy": "knn",
+    "stratified_subset": "knn",
+    "ProbeResult": "linear",
+    "linear_probe": "linear",
+    "cosine_lr": "linear",
+    "Monitor": "monitor",
+}
+
+
+__getattr__ = lazy_exports(__name__, _LAZY)
+
+
+__all__ = ["KNN_FEATURES", *_LAZY]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mona_sfl.core import schedule
 from mona_sfl.eval.knn import _check_features, _check_labels, _check_num_classes
 
 __all__ = ["ProbeResult", "linear_probe", "cosine_lr"]
@@ -40,7 +41,7 @@ class ProbeResult:
 def cosine_lr(step: int, total_steps: int, base_lr: float) -> float:
     """Learning rate of step ``step`` (0-based) of ``total_steps``:
     ``base_lr * (1 + cos(pi * step / total_steps)) / 2`` (no restarts)."""
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+    return schedule.cosine_lr(base_lr, step, total_steps)
 
 
 def _standardize(

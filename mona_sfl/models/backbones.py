@@ -65,9 +65,7 @@ from torchvision.models.mobilenetv2 import MobileNetV2
 from torchvision.models.resnet import BasicBlock, conv1x1, conv3x3
 from torchvision.ops.misc import Conv2dNormActivation
 
-ARCHS: tuple[str, ...] = ("resnet18", "mobilenetv2")
-NORMS: tuple[str, ...] = ("group", "batch")
-NUM_UNITS = 9  # every backbone is a sequence of exactly 9 units; cut c gives the client units[:c]
+from mona_sfl.models import ARCHS, BACKBONES, NORMS, NUM_UNITS
 
 # ResNet-18: (output channels at width 1.0, stride) of the 8 BasicBlocks (units 2..9).
 _RESNET18_BLOCKS: tuple[tuple[int, int], ...] = (
@@ -151,7 +149,7 @@ def resnet_channels(base: int, width: float) -> int:
     return max(4, 4 * math.floor(base * width / 4 + 0.5))
 
 
-def _resnet18_units(width: float, norm_layer: Callable[[int], nn.Module]) -> tuple[list[nn.Module], list[int]]:
+def resnet18_units(width: float, norm_layer: Callable[[int], nn.Module]) -> tuple[list[nn.Module], list[int]]:
     """The 9 ResNet-18 units and the channel count after each."""
     c0 = resnet_channels(64, width)
     units: list[nn.Module] = [nn.Sequential(conv3x3(3, c0), norm_layer(c0), nn.ReLU(inplace=True))]
@@ -168,7 +166,7 @@ def _resnet18_units(width: float, norm_layer: Callable[[int], nn.Module]) -> tup
     return units, channels
 
 
-def _mobilenetv2_units(width: float, norm_layer: Callable[[int], nn.Module]) -> tuple[list[nn.Module], list[int]]:
+def mobilenetv2_units(width: float, norm_layer: Callable[[int], nn.Module]) -> tuple[list[nn.Module], list[int]]:
     """The 9 MobileNetV2 units (stem, 7 stages, last conv) and the channel count after each."""
     net = MobileNetV2(
         num_classes=1,  # the classifier is discarded; keep it tiny
@@ -230,10 +228,7 @@ def build_backbone(
     """
     check_backbone_args(arch, width=width, norm=norm)
     norm_layer = _norm_factory(norm)
-    if arch == "resnet18":
-        units, channels = _resnet18_units(float(width), norm_layer)
-    else:
-        units, channels = _mobilenetv2_units(float(width), norm_layer)
+    units, channels = BACKBONES.get(arch)(float(width), norm_layer)
     if len(units) != NUM_UNITS:  # pragma: no cover - structural invariant
         raise RuntimeError(f"{arch} has {len(units)} units, expected {NUM_UNITS}")
     backbone = nn.Sequential(*units)
@@ -247,12 +242,11 @@ def build_backbone(
 
 
 __all__ = [
-    "ARCHS",
-    "NORMS",
-    "NUM_UNITS",
     "WSConv2d",
     "build_backbone",
     "check_backbone_args",
     "group_norm_groups",
+    "mobilenetv2_units",
+    "resnet18_units",
     "resnet_channels",
 ]

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mona_sfl.models.backbones import ARCHS, NUM_UNITS, build_backbone, check_backbone_args
-
-NUM_CUTS = NUM_UNITS  # legal cuts are 1..NUM_CUTS
+from mona_sfl.models import ARCHS, NUM_CUTS
+from mona_sfl.models.backbones import build_backbone, check_backbone_args
 
 
 def check_cut(arch: str, cut: int) -> None:

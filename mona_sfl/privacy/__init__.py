@@ -1,25 +1,6 @@
 """Privacy: the model-inversion attack an honest-but-curious server can run on the smashed data."""
 
-from mona_sfl.privacy.attack import (
-    AttackResult,
-    Decoder,
-    ResBlock,
-    attack_config,
-    attack_front,
-    attack_main,
-    attack_run,
-    aux_indices,
-    upsampling_stages,
-)
+from mona_sfl.privacy import attack as _attack
+from mona_sfl.privacy.attack import *  # noqa: F403 - the package face is the attack module's API
 
-__all__ = [
-    "AttackResult",
-    "Decoder",
-    "ResBlock",
-    "attack_config",
-    "attack_front",
-    "attack_main",
-    "attack_run",
-    "aux_indices",
-    "upsampling_stages",
-]
+__all__ = list(_attack.__all__)

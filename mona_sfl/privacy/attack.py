@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mona_sfl.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, load_checkpoint, load_run_config
-from mona_sfl.config import Config, ConfigError, load_config, to_flat
-from mona_sfl.data.datasets import ImageData
+from mona_sfl.config import Config, ConfigError, to_flat
+from mona_sfl.data.images import ImageData
 from mona_sfl.data.views import normalize
 
 ATTACK_JSON = "attack.json"
@@ -426,7 +426,7 @@ def _config_meta(cfg: Config) -> dict[str, Any]:
         "arch": cfg.model.arch,
         "cut": cfg.model.cut,
         "width": cfg.model.width,
-        "method": "MonAcoSFL" if cfg.algo.align_momentum else "MocoSFL",
+        "method": cfg.method,
         "dataset": cfg.data.name,
         "config_seed": cfg.seed,
     }
@@ -482,50 +482,6 @@ def attack_config(cfg: Config, out_dir: str | Path, *, device: Any = "cpu", **kw
     return _attack_cfg(cfg, None, out / ATTACK_JSON, out / ATTACK_PNG, device, meta, **kw)
 
 
-def attack_main(args: Any) -> int:
-    """``mona-sfl attack RUN_DIR [--untrained] ...`` or ``mona-sfl attack --config FILE [--set k=v] --out DIR``."""
-    run_dir = getattr(args, "run_dir", None)
-    config = getattr(args, "config", None)
-    overrides = list(getattr(args, "overrides", None) or [])
-    out = getattr(args, "out", None)
-    kw: dict[str, Any] = {}
-    for name in ("epochs", "aux_fraction", "num_test", "batch_size", "decoder_width", "seed"):
-        v = getattr(args, name, None)
-        if v is not None:
-            kw[name] = v
-    device = getattr(args, "device", None) or "cpu"
-    if run_dir and config:
-        raise ConfigError("pass either a RUN_DIR or --config FILE, not both")
-    if run_dir:
-        if overrides or out:
-            raise ConfigError("--set and --out go with --config (a run folder has its own config; results go into it)")
-        res = attack_run(run_dir, untrained=bool(getattr(args, "untrained", False)), device=device, **kw)
-        where = Path(run_dir)
-    elif config:
-        if not out:
-            raise ConfigError("--config needs --out DIR for attack.json and attack.png")
-        from mona_sfl.cli import resolve_config_path
-
-        cfg = load_config(resolve_config_path(config), overrides)
-        res = attack_config(cfg, out, device=device, **kw)
-        where = Path(out)
-    else:
-        raise ConfigError("pass a RUN_DIR (trained run folder) or --config FILE --out DIR (untrained baseline)")
-    m = res.meta
-    what = "untrained front" if m.get("untrained") else f"trained front (step {m.get('checkpoint_step')})"
-    print(f"model inversion attack on the {what}: {m['arch']} cut {m['cut']} ({m['method']})")
-    print(f"MSE  {res.mse:.5f}   (mean-image guess: {res.mse_mean_image:.5f})")
-    print(f"PSNR {res.psnr:.2f} dB")
-    print(f"SSIM {res.ssim:.4f}")
-    print(
-        f"decoder: {res.epochs} epochs on {res.aux_size} auxiliary training images; {res.num_test} held-out test images; "
-        f"no JPEG round trip; {res.train_s:.1f} s"
-    )
-    stem = BASELINE_JSON if (run_dir and m.get("untrained")) else ATTACK_JSON
-    print(f"wrote {where / stem} and {res.grid_path}")
-    return 0
-
-
 __all__ = [
     "ATTACK_JSON",
     "ATTACK_PNG",
@@ -536,7 +492,6 @@ __all__ = [
     "ResBlock",
     "attack_config",
     "attack_front",
-    "attack_main",
     "attack_run",
     "aux_indices",
     "upsampling_stages",

@@ -3,7 +3,7 @@
 * ``codec``: tensors / state dicts / nested states <-> ArrayRecord + ConfigRecord (no pickle);
 * ``node``: one node's clients, rebuilt from ``context.state`` per message;
 * ``client_app`` / ``server_app``: the Flower app (``flwr run`` loads their ``app``);
-* ``runtime``: :class:`FlowerRuntime`, the engine's ClientRuntime over a Grid;
+* ``runtime``: :class:`FlowerRuntime`, the sharded runtime over a Grid;
 * ``launch``: :func:`train_with_flower` (simulation engine, Ray backend);
 * ``deploy``: SuperLink + N SuperNodes as local processes, then ``flwr run``.
 

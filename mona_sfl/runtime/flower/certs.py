@@ -1,6 +1,6 @@
 """TLS certificates and SuperNode authentication keys for a Flower deployment (``cryptography``).
 
-``python -m mona_sfl.runtime.flower.certs OUT [--hosts 127.0.0.1,localhost] [--nodes N] [--days D]``
+``mona-sfl certs OUT [--hosts 127.0.0.1,localhost] [--nodes N] [--days D]`` (see :mod:`mona_sfl.cli.certs`)
 (``simulations/gen_certs.sh`` wraps it) writes into ``OUT``:
 
 =====================  =====================================================================
@@ -24,11 +24,9 @@ your organisation's CA for the SuperLink; the SuperNode key pairs are yours to m
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import ipaddress
 import os
-import sys
 from pathlib import Path
 
 from cryptography import x509
@@ -36,11 +34,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mona_sfl.errors import UserError
+
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.pem", "server.key"
 
 
-class CertError(Exception):
+class CertError(UserError):
     """Bad input (an existing file, an empty host name): exit code 2 on the command line."""
 
 
@@ -163,42 +163,14 @@ def make_test_certs(out: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, nodes: in
     return Path(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="gen_certs",
-        description="Make a CA, a SuperLink TLS certificate and SuperNode authentication keys for a Flower deployment.",
-        epilog=(
-            "Then: flower-superlink --ssl-ca-certfile OUT/ca.crt --ssl-certfile OUT/server.pem "
-            "--ssl-keyfile OUT/server.key --enable-supernode-auth ...; flwr supernode register "
-            "OUT/supernode-I.pub CONNECTION; flower-supernode --root-certificates OUT/ca.crt "
-            "--auth-supernode-private-key OUT/supernode-I.key ..."
-        ),
-    )
-    p.add_argument("out", help="folder to write into (files that exist are never overwritten)")
-    p.add_argument("--hosts", default=",".join(DEFAULT_HOSTS), help="comma-separated IPs/DNS names the SuperLink is reached at (its certificate's SANs; default %(default)s)")
-    p.add_argument("--nodes", type=int, default=0, help="number of SuperNode key pairs supernode-0..N-1 (default %(default)s)")
-    p.add_argument("--days", type=int, default=365, help="certificate validity in days (default %(default)s)")
-    p.add_argument("--node-keys-only", action="store_true", help="only make SuperNode key pairs (numbered after the ones OUT already has)")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    try:
-        if args.node_keys_only:
-            if args.nodes < 1:
-                raise CertError("--node-keys-only needs --nodes >= 1")
-            start = 0
-            while node_key_paths(out, start)[0].exists() or node_key_paths(out, start)[1].exists():
-                start += 1
-            made = [make_node_key(out, i)[1] for i in range(start, start + args.nodes)]
-        else:
-            make_test_certs(out, tuple(args.hosts.split(",")), args.nodes, args.days)
-            made = [out / CA_CERT, out / SERVER_CERT] + [node_key_paths(out, i)[1] for i in range(args.nodes)]
-    except CertError as e:
-        print(f"gen_certs: error: {e}", file=sys.stderr)
-        return 2
-    for path in made:
-        print(f"wrote {path}")
-    return 0
+def add_node_keys(out: str | Path, nodes: int) -> list[Path]:
+    """``nodes`` more SuperNode key pairs in ``out``, numbered after the ones it has; their public keys."""
+    if nodes < 1:
+        raise CertError("--node-keys-only needs --nodes >= 1")
+    out = Path(out)
+    start = 0
+    while node_key_paths(out, start)[0].exists() or node_key_paths(out, start)[1].exists():
+        start += 1
+    return [make_node_key(out, i)[1] for i in range(start, start + nodes)]
 
 
-if __name__ == "__main__":
-    sys.exit(main())

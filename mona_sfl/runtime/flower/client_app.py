@@ -1,4 +1,4 @@
-"""The Flower ClientApp: message handlers that translate records into ``NodeClients`` calls.
+"""The Flower ClientApp: message handlers that translate records into client-host requests.
 
 Message types (all replies carry ``ConfigRecord "meta"`` with the node's partition id):
 
@@ -18,24 +18,23 @@ type                content                                            reply
 
 Every payload is an ArrayRecord / ConfigRecord: nothing is pickled.
 
-In deployment every message runs in a fresh ``flwr-clientapp`` process, so this module
-imports torch (and the models, which import torchvision) only in the handlers that compute:
+Every handler decodes its records, hands the request to the node's host
+(``serve_message``: rebuild from ``context.state``, :func:`mona_sfl.runtime.sharded.serve`, save)
+and encodes the reply. In deployment every message runs in a fresh ``flwr-clientapp`` process,
+so this module imports torch (and the models, which import torchvision) only in the handlers that compute:
 ``query.meta`` and ``query.echo`` cost a Python start and ``import flwr``, nothing more.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from mona_sfl.config import Config
 from mona_sfl.runtime.flower.run_config import config_from_run_config
-
-if TYPE_CHECKING:
-    from mona_sfl.runtime.flower.node import NodeClients
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
@@ -77,88 +76,88 @@ def make_client_app(flat_config: dict[str, Any] | None = None) -> ClientApp:
             cache[key] = config_from_run_config(rc)
         return cache[key]
 
-    def node(msg: Message, context: Context, *, fresh: bool = False) -> NodeClients:
-        from mona_sfl.runtime.flower.node import NodeClients  # torch, torchvision: only where needed
+    def serve_message(msg: Message, context: Context, op: str, args: Any, *, fresh: bool = False) -> Any:
+        """Rebuild the host from context.state, follow the epoch, serve ``op``, save the state."""
+        from mona_sfl.runtime.flower.node import load_host, save_host  # torch, torchvision: only where needed
+        from mona_sfl.runtime.sharded import serve
+        from mona_sfl.threads import set_threads
 
+        cfg = config(context)
+        set_threads(cfg.train.client_threads)
         pid, _ = _partition(context)
-        nodes = int(msg.content["cfg"]["nodes"])  # type: ignore[arg-type]
-        return NodeClients(config(context), pid, nodes, None if fresh else context.state)
+        c = msg.content.config_records["cfg"]
+        nodes = int(c["nodes"])  # type: ignore[arg-type]
+        host = load_host(cfg, pid, nodes, None if fresh else context.state)
+        if not fresh:
+            host.follow(int(c["epoch"]), _ints(c.get("live")))  # type: ignore[arg-type]
+        out = serve(host, op, args)
+        save_host(host, pid, nodes, context.state)
+        return out
 
-    def align(n: NodeClients, c: ConfigRecord) -> None:
-        n.align(int(c["epoch"]), _ints(c.get("live")))  # type: ignore[arg-type]
+    def reply(msg: Message, context: Context, **records: Any) -> Message:
+        return Message(RecordDict({**records, "meta": _meta(context)}), reply_to=msg)
 
     @app.query("meta")
     def meta(msg: Message, context: Context) -> Message:
-        return Message(RecordDict({"meta": _meta(context)}), reply_to=msg)
+        return reply(msg, context)
 
     @app.query("echo")
     def echo(msg: Message, context: Context) -> Message:
         """Send the ``payload`` ArrayRecord back (``FlowerRuntime.probe``: large-message check)."""
-        return Message(RecordDict({"echo": msg.content.array_records["payload"], "meta": _meta(context)}), reply_to=msg)
+        return reply(msg, context, echo=msg.content.array_records["payload"])
 
     @app.train("step")
     def step(msg: Message, context: Context) -> Message:
         from mona_sfl.runtime.flower.codec import array_to_tensor, tensor_to_array
 
-        n = node(msg, context)
-        c = msg.content.config_records["cfg"]
-        align(n, c)
         grads = {}
         if "grad" in msg.content.array_records:
             grads = {int(k): array_to_tensor(a) for k, a in msg.content.array_records["grad"].items()}
-        acts = n.step(grads, _ints(c.get("fwd")))
-        n.save(context.state)
+        fwd = _ints(msg.content.config_records["cfg"].get("fwd"))
+        acts = serve_message(msg, context, "step", (grads, fwd))
         act = ArrayRecord()
-        for cid, a in acts.items():
-            act[f"{cid}.q"] = tensor_to_array(a.a_q)
-            act[f"{cid}.k"] = tensor_to_array(a.a_k)
-        return Message(RecordDict({"act": act, "meta": _meta(context)}), reply_to=msg)
+        for cid, (q, k) in acts.items():
+            act[f"{cid}.q"] = tensor_to_array(q)
+            act[f"{cid}.k"] = tensor_to_array(k)
+        return reply(msg, context, act=act)
 
     @app.query("fronts")
     def fronts(msg: Message, context: Context) -> Message:
         from mona_sfl.runtime.flower.codec import state_dict_to_record
 
-        n = node(msg, context)
-        c = msg.content.config_records["cfg"]
-        align(n, c)
-        content = RecordDict({"meta": _meta(context)})
-        for cid, (online, momentum) in n.fronts(_ints(c.get("ids"))).items():
-            content[f"o.{cid}"] = state_dict_to_record(online)
-            content[f"m.{cid}"] = state_dict_to_record(momentum)
-        n.save(context.state)
-        return Message(content, reply_to=msg)
+        got = serve_message(msg, context, "fronts", _ints(msg.content.config_records["cfg"].get("ids")))
+        records: dict[str, Any] = {}
+        for cid, (online, momentum) in got.items():
+            records[f"o.{cid}"] = state_dict_to_record(online)
+            records[f"m.{cid}"] = state_dict_to_record(momentum)
+        return reply(msg, context, **records)
 
     @app.train("sync")
     def sync(msg: Message, context: Context) -> Message:
+        from mona_sfl.core.sync import GlobalFronts
         from mona_sfl.runtime.flower.codec import record_to_state_dict
 
-        n = node(msg, context)
-        align(n, msg.content.config_records["cfg"])
         recs = msg.content.array_records
-        online = record_to_state_dict(recs["online"])
-        momentum = record_to_state_dict(recs["momentum"]) if "momentum" in recs else None
-        n.load_global(online, momentum)
-        n.save(context.state)
-        return Message(RecordDict({"meta": _meta(context)}), reply_to=msg)
+        loaded = GlobalFronts(
+            record_to_state_dict(recs["online"]), record_to_state_dict(recs["momentum"]) if "momentum" in recs else None
+        )
+        serve_message(msg, context, "load", loaded)
+        return reply(msg, context)
 
     @app.query("state")
     def state(msg: Message, context: Context) -> Message:
         from mona_sfl.runtime.flower.codec import tree_to_records
 
-        n = node(msg, context)
-        align(n, msg.content.config_records["cfg"])
-        n.save(context.state)
-        arrays, tree = tree_to_records(n.state_dict())
-        return Message(RecordDict({"state": arrays, "state.tree": tree, "meta": _meta(context)}), reply_to=msg)
+        arrays, tree = tree_to_records(serve_message(msg, context, "state", None))
+        return reply(msg, context, **{"state": arrays, "state.tree": tree})
 
     @app.train("load")
     def load(msg: Message, context: Context) -> Message:
         from mona_sfl.runtime.flower.codec import records_to_tree
 
-        n = node(msg, context, fresh=True)  # whatever the node held before is replaced
-        n.load_state_dict(records_to_tree(msg.content.array_records["state"], msg.content.config_records["state.tree"]))
-        n.save(context.state)
-        return Message(RecordDict({"meta": _meta(context)}), reply_to=msg)
+        st = records_to_tree(msg.content.array_records["state"], msg.content.config_records["state.tree"])
+        serve_message(msg, context, "load_state", st, fresh=True)  # whatever the node held before is replaced
+        return reply(msg, context)
 
     return app
 

@@ -1,7 +1,7 @@
 """Deployed Flower on one machine: a SuperLink and N SuperNodes as separate processes.
 
-``python -m mona_sfl.runtime.flower.deploy N [--config FILE] [--out DIR] [--set KEY=VALUE ...]``
-(``simulations/deploy_local.sh`` wraps it):
+:func:`deploy` runs one config that way (``mona-sfl deploy-local`` is its command line;
+``simulations/deploy_local.sh`` wraps that):
 
 1. picks free ports on 127.0.0.1 and an isolated ``FLWR_HOME`` (a temp folder);
 2. starts ``flower-superlink --insecure`` and N ``flower-supernode --insecure`` processes
@@ -21,12 +21,10 @@ throw-away CA) switches the SuperLink, the SuperNodes and the ``flwr`` connectio
 the public key ``supernode-I.pub`` of each node is registered with ``flwr supernode register``
 before the node starts with ``--auth-supernode-private-key supernode-I.key``, and any SuperNode
 whose key is not registered is refused. See ``tls_help()`` for real deployments.
-Exit codes: 0 success, 2 bad input, 1 the run failed.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -42,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mona_sfl.config import Config, ConfigError, load_config
-from mona_sfl.runtime.flower.certs import CA_CERT, SERVER_CERT, SERVER_KEY, CertError, make_test_certs, node_key_paths
+from mona_sfl.config import Config
+from mona_sfl.runtime.flower.certs import CA_CERT, SERVER_CERT, SERVER_KEY, CertError, node_key_paths
 from mona_sfl.runtime.flower.run_config import app_config_toml
 
 TAG = "MONA_SFL_DEPLOY_TAG"
@@ -53,7 +51,7 @@ CONNECTION = "deploy"
 def tls_help() -> str:
     return """\
 TLS and SuperNode authentication for a real deployment (drop --insecure everywhere):
-  python -m mona_sfl.runtime.flower.certs certs --hosts LINK_HOST --nodes N   # or your own CA's files
+  mona-sfl certs certs --hosts LINK_HOST --nodes N   # or your own CA's files
   flower-superlink --ssl-ca-certfile certs/ca.crt --ssl-certfile certs/server.pem --ssl-keyfile certs/server.key \\
       --enable-supernode-auth --host 0.0.0.0 --port 8000 --disable-runtime-dependency-installation
   $FLWR_HOME/config.toml:  [superlink.prod]  address = "LINK_HOST:8000"  root-certificates = "certs/ca.crt"
@@ -180,7 +178,7 @@ def check_tls_dir(tls: Path, nodes: int = 0) -> None:
     names = [CA_CERT, SERVER_CERT, SERVER_KEY] + [p.name for i in range(nodes) for p in node_key_paths(tls, i)]
     missing = [n for n in names if not (tls / n).is_file()]
     if missing:
-        raise CertError(f"{tls} lacks {', '.join(missing)} (make them with `python -m mona_sfl.runtime.flower.certs`)")
+        raise CertError(f"{tls} lacks {', '.join(missing)} (make them with `mona-sfl certs DIR`)")
 
 
 def _json_out(text: str) -> Any:
@@ -390,64 +388,3 @@ def deploy(
             shutil.rmtree(work, ignore_errors=True)
         elif not result.get("ok"):
             print(f"deploy: logs kept in {logs}", file=log, flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="deploy_local", description="Train through a local SuperLink + N SuperNodes (separate processes on 127.0.0.1; insecure unless --tls).", epilog=tls_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("nodes", type=int, help="number of SuperNodes (client c lives on node c %% N)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.max_steps=4")
-    p.add_argument("--config", help="TOML/YAML config file or bundled config name (default: the bundled 'default')")
-    p.add_argument("--set", dest="more", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--out", help="run folder (default: runs/<time>-<arch>-cut<N>-<method>-deployed)")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")
-    p.add_argument("--keep", action="store_true", help="keep the work folder (FLWR_HOME, app, logs)")
-    p.add_argument("--probe", type=float, default=0.0, metavar="MB", help="first round-trip MB megabytes through every node (large-message check)")
-    p.add_argument("--tls", metavar="DIR", help="TLS instead of --insecure: DIR holds ca.crt, server.pem, server.key ('auto': make throw-away ones)")
-    p.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls): register DIR/supernode-I.pub, start node I with DIR/supernode-I.key")
-    args = p.parse_intermixed_args(argv)
-    try:
-        from mona_sfl.cli import resolve_config_path
-
-        if args.nodes < 1:
-            raise ConfigError("the number of SuperNodes must be >= 1")
-        cfg = load_config(resolve_config_path(args.config), [*args.overrides, *args.more, "runtime=flower", f"flower.num_supernodes={args.nodes}"])
-        if args.out:
-            run_dir = Path(args.out)
-        else:
-            method = "mona" if cfg.algo.align_momentum else "moco"
-            run_dir = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.arch}-cut{cfg.model.cut}-{method}-deployed"
-        if run_dir.exists() and any((run_dir / n).exists() for n in ("config.toml", "checkpoint.pt", "metrics.jsonl")):
-            raise ConfigError(f"--out {run_dir} already holds a run: choose another --out")
-    except ConfigError as e:
-        print(f"deploy_local: error: {e}", file=sys.stderr)
-        return 2
-    tls = None
-    auto_certs = None
-    try:
-        if args.auth and not args.tls:
-            raise CertError("--auth needs --tls DIR or --tls auto (Flower authenticates SuperNodes only over TLS)")
-        if args.tls == "auto":
-            auto_certs = Path(tempfile.mkdtemp(prefix="mona-flwr-certs-"))
-            tls = make_test_certs(auto_certs, nodes=args.nodes if args.auth else 0, days=2)
-        elif args.tls:
-            tls = Path(args.tls)
-            check_tls_dir(tls, args.nodes if args.auth else 0)
-    except CertError as e:
-        print(f"deploy_local: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        res = deploy(cfg, args.nodes, run_dir, timeout_s=args.timeout, keep=args.keep, probe_mb=args.probe, tls_dir=tls, auth=args.auth)
-    except (RuntimeError, subprocess.TimeoutExpired, KeyboardInterrupt) as e:
-        print(f"deploy_local: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if auto_certs is not None:
-            shutil.rmtree(auto_certs, ignore_errors=True)  # throw-away keys do not outlive the run
-    s = res["summary"]
-    print(f"kNN top-1 accuracy: {s['knn_top1']:.2f}%")
-    print(f"steps {s['steps']}, {s['wall_s']:.1f} s training, flwr run {res['train_s']:.1f} s; run folder: {run_dir}")
-    return 0 if not res["survivors"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -39,7 +39,7 @@ def simulation_backend_config(cfg: Config, *, cpus_per_client: float | None = No
     num_gpus = 0.0
     if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
         cpus = os.cpu_count() or 1
-        num_gpus = 1.0 / max(1, min(cfg.flower.num_supernodes or cfg.fed.num_clients, int(cpus // cpus_per_client)))
+        num_gpus = 1.0 / max(1, min(cfg.num_nodes, int(cpus // cpus_per_client)))
     init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
     if not os.environ.get("RAY_ADDRESS"):
         # ray.init() without an address joins the newest cluster started on this machine
@@ -105,7 +105,7 @@ def train_with_flower(
 
     if cfg.runtime != "flower":
         cfg = replace(cfg, runtime="flower")
-    num_nodes = cfg.flower.num_supernodes or cfg.fed.num_clients
+    num_nodes = cfg.num_nodes
     result: dict[str, Any] = {}
     server_app = make_server_app(cfg, run_dir, progress=progress, result=result, resume=resume, max_steps=max_steps)
     client_app = make_client_app(config_to_run_config(cfg))
@@ -152,15 +152,9 @@ def resume_with_flower(run_dir: str | Path, progress: bool = True, max_steps: in
     The checks are :meth:`Trainer.resume`'s (config, checkpoint version); the clients' state
     from the checkpoint is sent back to fresh SuperNodes (``train.load``).
     """
-    from mona_sfl.checkpoint import CONFIG, CheckpointError
-    from mona_sfl.config import ConfigError, load_config
+    from mona_sfl.checkpoint import load_run_config
 
-    run_dir = Path(run_dir)
-    try:
-        cfg = load_config(run_dir / CONFIG)
-    except (ConfigError, FileNotFoundError) as e:
-        raise CheckpointError(f"{run_dir / CONFIG}: {e}") from None
-    return train_with_flower(cfg, run_dir, progress, resume=True, max_steps=max_steps)
+    return train_with_flower(load_run_config(Path(run_dir)), run_dir, progress, resume=True, max_steps=max_steps)
 
 
 __all__ = ["train_with_flower", "resume_with_flower", "simulation_backend_config", "start_ray_for_simulation"]

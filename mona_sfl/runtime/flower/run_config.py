@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mona_sfl.config import Config, ConfigError, from_flat, to_flat
+from mona_sfl.config import Config, ConfigError, from_flat, to_flat, toml_value
 
 APP_KEYS = {
     "out": "",  # run folder ("" = runs/<time>-<arch>-cut<N>-<method>-flower)
@@ -48,19 +48,10 @@ def config_to_run_config(cfg: Config, **app: Any) -> dict[str, Any]:
     return {**to_flat(cfg), "runtime": "flower", **{**APP_KEYS, **app}}
 
 
-def _toml(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
-
-
 def app_config_toml(cfg: Config, **app: Any) -> str:
     """The ``[tool.flwr.app.config]`` table body for ``cfg`` (every key, so any can be overridden)."""
     rc = config_to_run_config(cfg, **app)
-    return "\n".join(f"{k} = {_toml(v)}" for k, v in rc.items()) + "\n"
+    return "\n".join(f"{k} = {toml_value(v)}" for k, v in rc.items()) + "\n"
 
 
 def pyproject_snippet(cfg: Config, *, publisher: str = "mona-sfl", include_code: bool = True, **app: Any) -> str:

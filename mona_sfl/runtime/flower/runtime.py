@@ -1,21 +1,25 @@
-"""``FlowerRuntime``: the engine's clients live on Flower SuperNodes, reached through a Grid.
+"""``FlowerRuntime``: the client hosts are Flower SuperNodes, reached through a Grid.
 
-The ServerApp runs the ordinary :class:`mona_sfl.engine.Trainer` with this runtime; every
-runtime call becomes one exchange of messages with the nodes (see ``client_app`` for the
-message types):
+This module is the Flower transport of the sharded runtime (:mod:`mona_sfl.runtime.sharded`,
+which owns the host map, lost clients, state and the byte ledger). Each request becomes one
+message per node (see ``client_app`` for the message types):
 
-* ``forward`` / ``backward`` / ``backward_forward`` -> one ``train.step`` per node hosting a
-  client of the call (the fused form carries step t's gradient and asks for step t+1's
+* ``step`` -> ``train.step`` (the gradients of step t and the request for step t+1's
   activations: one round trip per step);
-* ``fronts`` -> ``query.fronts``; ``load_global`` -> ``train.sync`` to every node;
-* ``state_dict`` / ``load_state_dict`` -> ``query.state`` / ``train.load``.
+* ``fronts`` -> ``query.fronts``; ``load`` -> ``train.sync``;
+* ``state`` / ``load_state`` -> ``query.state`` / ``train.load``;
+* ``begin_epoch`` / ``end_epoch`` send nothing: every message carries the epoch and the
+  node's live clients, and the node follows (``ClientHost.follow``).
 
-Client ``c`` lives on the node whose ``partition-id`` is ``c % num_nodes``. Node ids are
-random, so the runtime asks every node for its partition id first (``query.meta``).
+The node with ``partition-id`` p is host p. Node ids are random, so the transport asks every
+node for its partition id first (``query.meta``).
 
-At most one message per node is in flight: the runtime waits for all replies (or
-``flower.step_timeout_s``) before it sends the next. A node that answers with an error or
-not in time loses its clients for the rest of the epoch (``self.lost``); training goes on.
+At most one message per node is in flight: the transport waits for all replies (or
+``flower.step_timeout_s``) before it sends the next. A node that answers with an error or not
+in time fails (the sharded runtime drops its clients for the rest of the epoch); at the next
+epoch it gets its clients' state back with ``train.load`` once it has answered its late
+message. ``wire`` counts the bytes of the ArrayRecords really sent (npy headers included),
+beside the runtime's protocol ledger.
 """
 
 from __future__ import annotations
@@ -31,8 +35,7 @@ from flwr.serverapp import Grid
 
 from mona_sfl import build
 from mona_sfl.config import Config
-from mona_sfl.core.client import Activations, StateDict
-from mona_sfl.runtime.base import ClientRuntime
+from mona_sfl.core.sync import GlobalFronts
 from mona_sfl.runtime.flower.codec import (
     decode_activations,
     record_bytes,
@@ -42,35 +45,24 @@ from mona_sfl.runtime.flower.codec import (
     tensor_to_array,
     tree_to_records,
 )
-from mona_sfl.runtime.flower.node import node_client_ids
+from mona_sfl.runtime.sharded import HostUnavailable, ShardedRuntime, Transport
 
 log = logging.getLogger("mona_sfl.flower")
 
+#: The message type of each host request (begin_epoch / end_epoch travel inside the next message).
+MESSAGE_TYPES = {"step": "train.step", "fronts": "query.fronts", "load": "train.sync", "state": "query.state", "load_state": "train.load"}
+
 
 class NodeFailure(RuntimeError):
-    """A node could not serve a request the run cannot do without (checkpoint state)."""
+    """A node could not serve a request the run cannot do without."""
 
 
-class FlowerRuntime(ClientRuntime):
-    """Clients on Flower SuperNodes; the engine's calls become Grid message exchanges."""
+class FlowerTransport(Transport):
+    """Requests as Flower messages over a Grid; one SuperNode per host."""
 
-    name = "flower"
+    kind = "node"
 
-    def __init__(
-        self,
-        cfg: Config,
-        grid: Grid | None = None,
-        *,
-        poll_s: float | None = None,
-        connect_timeout_s: float | None = None,
-        **_unused: object,
-    ) -> None:
-        super().__init__()
-        if grid is None:
-            raise RuntimeError(
-                "runtime='flower' runs inside a Flower ServerApp: start it with `mona-sfl train --set runtime=flower` "
-                "(simulation), `flwr run .` or simulations/deploy_local.sh, not by constructing FlowerRuntime(cfg) alone"
-            )
+    def __init__(self, cfg: Config, grid: Grid, *, poll_s: float | None = None, connect_timeout_s: float | None = None) -> None:
         self.cfg = cfg
         self.grid = grid
         # Replies are polled with exponential back-off from 1 ms up to poll_s: 10 ms on the
@@ -78,31 +70,33 @@ class FlowerRuntime(ClientRuntime):
         in_memory = type(grid).__name__ == "InMemoryGrid"
         self.poll_s = poll_s if poll_s is not None else (0.01 if in_memory else 0.1)
         self.timeout_s = cfg.flower.step_timeout_s
-        self.num_nodes = cfg.flower.num_supernodes or cfg.fed.num_clients
+        self.num_nodes = cfg.num_nodes
         self.epoch = 0
-        self.live: list[int] = []  # the clients sampled for the current epoch (empty between epochs)
+        self.live: dict[int, list[int]] = {}  # partition -> its clients sampled in the current epoch
         self.node_of: dict[int, int] = {}  # partition id -> node id
         self.node_pid: dict[int, int] = {}  # partition id -> process id of its last reply (diagnostics)
         self._busy: dict[int, str] = {}  # node id -> id of a message it never answered in time
         self._seq = 0
-        self._last_state: dict[int, dict] = {}  # partition -> its last reported state (checkpoint fallback)
-        self.exchanges = 0  # round trips made (one per runtime call)
+        self.exchanges = 0  # round trips made
         self.wait_s = 0.0  # wall time spent waiting for replies
+        self.wire = {"up": 0, "down": 0, "sync": 0}  # ArrayRecord bytes really sent, npy headers included
         front, _ = build.build_models(cfg)
         self._front_keys = list(front.state_dict())
         self.spec = build.activation_spec(cfg)  # what a client's reply may hold (checked before decoding)
         self._discover(connect_timeout_s if connect_timeout_s is not None else max(self.timeout_s, 60.0))
 
+    def describe(self, host: int) -> str:
+        return f"node {self.node_of.get(host, -1)} (partition {host})"
+
+    def start(self, hosts: list[list[int]]) -> None:
+        if len(hosts) != self.num_nodes:
+            raise NodeFailure(f"flower: {len(hosts)} client hosts for {self.num_nodes} SuperNodes")
+        self.hosts = hosts
+
     # ------------------------------------------------------------------ plumbing
-    def _partition_of(self, cid: int) -> int:
-        return cid % self.num_nodes
-
-    def _clients_of(self, part: int) -> list[int]:
-        return node_client_ids(self.cfg.fed.num_clients, part, self.num_nodes)
-
-    def _cfg_record(self, **extra: Any) -> ConfigRecord:
+    def _cfg_record(self, part: int, **extra: Any) -> ConfigRecord:
         rec: dict[str, Any] = {"nodes": self.num_nodes, "epoch": self.epoch}
-        for k, v in {"live": self.live, **extra}.items():
+        for k, v in {"live": self.live.get(part, []), **extra}.items():
             if isinstance(v, list):
                 if v:  # an empty list does not survive protobuf typing: leave the key out
                     rec[k] = [int(x) for x in v]
@@ -186,13 +180,6 @@ class FlowerRuntime(ClientRuntime):
         self.exchanges += 1
         return replies, failures
 
-    def _lose(self, failures: dict[int, str], what: str, clients: dict[int, list[int]]) -> None:
-        for part, reason in failures.items():
-            cids = clients.get(part, [])
-            self.lost.update(cids)
-            log.warning("flower: node %d (partition %d) failed in %s: %s; clients %s lost for the rest of epoch %d",
-                        self.node_of.get(part, -1), part, what, reason, cids, self.epoch)
-
     def _discover(self, timeout_s: float) -> None:
         """Map partition ids to node ids: ``query.meta`` to every node that connects.
 
@@ -259,141 +246,90 @@ class FlowerRuntime(ClientRuntime):
             log.warning("flower: ignoring nodes with partition-id %s >= %d", extra, self.num_nodes)
         self.node_of = {p: found[p] for p in range(self.num_nodes)}
 
-    # ------------------------------------------------------------------ ClientRuntime
-    def begin_epoch(self, epoch: int, ids: list[int]) -> None:
-        self.lost.clear()
-        self.epoch = epoch
-        self.live = list(ids)
-
-    def end_epoch(self) -> None:
-        self.live = []
-
-    def forward(self, ids: list[int]) -> dict[int, Activations]:
-        return self._step({}, ids)
-
-    def backward(self, grads: dict[int, torch.Tensor]) -> None:
-        self._step(grads, [])
-
-    def backward_forward(self, grads: dict[int, torch.Tensor], ids: list[int]) -> dict[int, Activations]:
-        return self._step(grads, ids)
-
-    def _step(self, grads: dict[int, torch.Tensor], ids: list[int]) -> dict[int, Activations]:
-        work: dict[int, tuple[dict[int, torch.Tensor], list[int]]] = {}
-        for cid, g in grads.items():
-            if cid not in self.lost:
-                work.setdefault(self._partition_of(cid), ({}, []))[0][cid] = g
-        for cid in ids:
-            if cid not in self.lost:
-                work.setdefault(self._partition_of(cid), ({}, []))[1].append(cid)
-        requests: dict[int, tuple[str, RecordDict]] = {}
-        for part, (g, fwd) in work.items():
-            content = RecordDict({"cfg": self._cfg_record(fwd=fwd)})
-            if g:
+    # ------------------------------------------------------------------ requests
+    def _content(self, op: str, part: int, args: Any) -> RecordDict:
+        if op == "step":
+            grads, fwd = args
+            content = RecordDict({"cfg": self._cfg_record(part, fwd=list(fwd))})
+            if grads:
                 rec = ArrayRecord()
-                for cid, t in g.items():
+                for cid, t in grads.items():
                     rec[str(cid)] = tensor_to_array(t)
-                self.bytes["down"] += record_bytes(rec)
+                self.wire["down"] += record_bytes(rec)
                 content["grad"] = rec
-            requests[part] = ("train.step", content)
-        replies, failures = self._exchange(requests)
-        self._lose(failures, "train.step", {p: sorted({*w[0], *w[1]}) for p, w in work.items()})
-        out: dict[int, Activations] = {}
-        for part, content in replies.items():
-            act = content.array_records.get("act", ArrayRecord())
-            self.bytes["up"] += record_bytes(act)
-            got, bad = decode_activations(act, work[part][1], self.spec)
-            out.update(got)
-            for cid, why in bad.items():
-                log.warning("flower: rejected the activations of client %d from node %d (partition %d): %s; "
-                            "the client is dropped for this step", cid, self.node_of.get(part, -1), part, why)
-        return {cid: out[cid] for cid in ids if cid in out}
+            return content
+        if op == "fronts":
+            return RecordDict({"cfg": self._cfg_record(part, ids=list(args))})
+        if op == "load":  # the records of the merged fronts, built once per sync (``call``)
+            content = RecordDict({"cfg": self._cfg_record(part), "online": self._online_rec})
+            if self._momentum_rec is not None:
+                content["momentum"] = self._momentum_rec
+            return content
+        if op == "state":
+            return RecordDict({"cfg": self._cfg_record(part)})
+        if op == "load_state":
+            arrays, tree = tree_to_records(args)
+            return RecordDict({"cfg": self._cfg_record(part), "state": arrays, "state.tree": tree})
+        raise ValueError(f"flower transport: no message for request {op!r}")
 
-    def _ordered(self, sd: StateDict) -> StateDict:
+    def _result(self, op: str, part: int, args: Any, content: RecordDict) -> Any:
+        if op == "step":
+            act = content.array_records.get("act", ArrayRecord())
+            self.wire["up"] += record_bytes(act)
+            got, bad = decode_activations(act, list(args[1]), self.spec)
+            for cid, why in bad.items():
+                log.warning("flower: rejected the activations of client %d from %s: %s; the client is dropped for this step",
+                            cid, self.describe(part), why)
+            return {cid: (a.a_q, a.a_k) for cid, a in got.items()}
+        if op == "fronts":
+            out = {}
+            for cid in args:
+                if f"o.{cid}" not in content.array_records:
+                    continue  # not live on that node
+                o, m = content.array_records[f"o.{cid}"], content.array_records[f"m.{cid}"]
+                self.wire["sync"] += record_bytes(o) + record_bytes(m)
+                out[cid] = (self._ordered(record_to_state_dict(o)), self._ordered(record_to_state_dict(m)))
+            return out
+        if op == "state":
+            return records_to_tree(content.array_records["state"], content.config_records["state.tree"])
+        return None
+
+    def _ordered(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: sd[k] for k in self._front_keys}
 
-    def fronts(self, ids: list[int]) -> dict[int, tuple[StateDict, StateDict]]:
-        by_part: dict[int, list[int]] = {}
-        for cid in ids:
-            if cid not in self.lost:
-                by_part.setdefault(self._partition_of(cid), []).append(cid)
-        requests = {p: ("query.fronts", RecordDict({"cfg": self._cfg_record(ids=c)})) for p, c in by_part.items()}
+    def call(self, op: str, args: dict[int, Any], what: str) -> tuple[dict[int, Any], dict[int, str]]:
+        if op == "begin_epoch":
+            for part, (epoch, ids) in args.items():
+                self.epoch = int(epoch)
+                self.live[part] = list(ids)
+            return {part: None for part in args}, {}
+        if op == "end_epoch":
+            self.live = {}
+            return {part: None for part in args}, {}
+        if op == "load_state":  # a resume: the nodes follow the epoch and live clients of the state
+            for part, st in args.items():
+                self.epoch = int(st["epoch"])
+                self.live[part] = [int(c) for c in st["live"]]
+        if op == "load":
+            fronts: GlobalFronts = next(iter(args.values()))
+            self._online_rec = state_dict_to_record(fronts.online)
+            self._momentum_rec = state_dict_to_record(fronts.momentum) if fronts.momentum is not None else None
+            per_node = record_bytes(self._online_rec) + (record_bytes(self._momentum_rec) if self._momentum_rec is not None else 0)
+            self.wire["sync"] += per_node * len(args)
+        mtype = MESSAGE_TYPES[op]
+        requests = {part: (mtype, self._content(op, part, a)) for part, a in args.items()}
         replies, failures = self._exchange(requests)
-        self._lose(failures, "query.fronts", by_part)
-        out: dict[int, tuple[StateDict, StateDict]] = {}
-        for part, content in replies.items():
-            recs = content.array_records
-            for cid in by_part[part]:
-                o, m = recs[f"o.{cid}"], recs[f"m.{cid}"]
-                self.bytes["sync"] += record_bytes(o) + record_bytes(m)
-                out[cid] = (self._ordered(record_to_state_dict(o)), self._ordered(record_to_state_dict(m)))
-        return {cid: out[cid] for cid in ids if cid in out}
+        results = {part: self._result(op, part, args[part], content) for part, content in replies.items()}
+        return results, {part: f"failed in {mtype}: {why}" for part, why in failures.items()}
 
-    def load_global(self, online: StateDict, momentum: StateDict | None) -> None:
-        online_rec = state_dict_to_record(online)
-        momentum_rec = state_dict_to_record(momentum) if momentum is not None else None
-        requests: dict[int, tuple[str, RecordDict]] = {}
-        for part in range(self.num_nodes):
-            if not self._clients_of(part):
-                continue
-            content = RecordDict({"cfg": self._cfg_record(), "online": online_rec})
-            size = record_bytes(online_rec)
-            if momentum_rec is not None:
-                content["momentum"] = momentum_rec
-                size += record_bytes(momentum_rec)
-            self.bytes["sync"] += size
-            requests[part] = ("train.sync", content)
-        replies, failures = self._exchange(requests)
-        live = set(self.live)
-        self._lose(failures, "train.sync", {p: [c for c in self._clients_of(p) if c in live] for p in failures})
-
-    def state_dict(self) -> dict:
-        """All clients' state in :meth:`ClientGroup.state_dict`'s format (merged over the nodes)."""
-        parts = [p for p in range(self.num_nodes) if self._clients_of(p)]
-        requests = {p: ("query.state", RecordDict({"cfg": self._cfg_record()})) for p in parts}
-        replies, failures = self._exchange(requests)
-        merged: dict[str, Any] = {"epoch": self.epoch, "live": list(self.live), "records": {}, "streams": {}}
-        for part in parts:
-            if part in replies:
-                content = replies[part]
-                st = records_to_tree(content.array_records["state"], content.config_records["state.tree"])
-                self._last_state[part] = st
-            elif part in self._last_state:
-                log.warning("flower: node of partition %d did not report its state (%s); the checkpoint keeps its "
-                            "clients' state from the previous checkpoint", part, failures[part])
-                st = self._last_state[part]
-            else:
-                raise NodeFailure(f"flower: cannot checkpoint, the node of partition {part} never reported its state: {failures[part]}")
-            if "global_online" not in merged:
-                merged["global_online"] = st["global_online"]
-                merged["global_momentum"] = st["global_momentum"]
-            merged["records"].update(st["records"])
-            merged["streams"].update(st["streams"])
-        merged["records"] = dict(sorted(merged["records"].items(), key=lambda kv: int(kv[0])))
-        merged["streams"] = dict(sorted(merged["streams"].items(), key=lambda kv: int(kv[0])))
-        return merged
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
-        self.live = [int(c) for c in state["live"]]
-        requests: dict[int, tuple[str, RecordDict]] = {}
-        for part in range(self.num_nodes):
-            mine = {str(c) for c in self._clients_of(part)}
-            if not mine:
-                continue
-            sub = {
-                "epoch": state["epoch"],
-                "live": [c for c in state["live"] if str(c) in mine],
-                "global_online": state["global_online"],
-                "global_momentum": state["global_momentum"],
-                "records": {k: v for k, v in state["records"].items() if str(k) in mine},
-                "streams": {k: v for k, v in state["streams"].items() if str(k) in mine},
-            }
-            arrays, tree = tree_to_records(sub)
-            requests[part] = ("train.load", RecordDict({"cfg": self._cfg_record(), "state": arrays, "state.tree": tree}))
-        _, failures = self._exchange(requests)
+    def revive(self, host: int, state: dict[str, Any]) -> str:
+        """Send the node its clients' state back (``train.load``) once it is free again."""
+        if not self._free(self.node_of[host]):
+            raise HostUnavailable("it has still not answered an earlier message")
+        _, failures = self._exchange({host: ("train.load", self._content("load_state", host, state))})
         if failures:
-            raise NodeFailure(f"flower: nodes failed to load the checkpoint: {failures}")
-
+            raise HostUnavailable(failures[host])
+        return f" (state sent back with train.load, pid {self.node_pid.get(host, -1)})"
 
     # ------------------------------------------------------------------ diagnostics
     def probe(self, nbytes: int, *, seed: int = 0) -> dict[str, Any]:
@@ -402,7 +338,7 @@ class FlowerRuntime(ClientRuntime):
         rec = ArrayRecord()
         rec["payload"] = Array(payload)
         sent = record_bytes(rec)
-        requests = {p: ("query.echo", RecordDict({"cfg": self._cfg_record(), "payload": rec})) for p in range(self.num_nodes)}
+        requests = {p: ("query.echo", RecordDict({"cfg": self._cfg_record(p), "payload": rec})) for p in range(self.num_nodes)}
         t0 = time.perf_counter()
         replies, failures = self._exchange(requests)
         seconds = time.perf_counter() - t0
@@ -410,4 +346,45 @@ class FlowerRuntime(ClientRuntime):
         return {"bytes_each_way": sent, "nodes": self.num_nodes, "seconds": seconds, "intact": ok, "failures": failures}
 
 
-__all__ = ["FlowerRuntime", "NodeFailure"]
+
+
+class FlowerRuntime(ShardedRuntime):
+    """The sharded runtime over Flower SuperNodes (inside a ServerApp: ``grid`` is its Grid)."""
+
+    name = "flower"
+
+    def __init__(self, cfg: Config, grid: Grid | None = None, *, poll_s: float | None = None,
+                 connect_timeout_s: float | None = None, **_unused: object) -> None:
+        if grid is None:
+            raise RuntimeError(
+                "runtime='flower' runs inside a Flower ServerApp: start it with `mona-sfl train --set runtime=flower` "
+                "(simulation), `flwr run .` or `mona-sfl deploy-local`, not by constructing FlowerRuntime(cfg) alone"
+            )
+        transport = FlowerTransport(cfg, grid, poll_s=poll_s, connect_timeout_s=connect_timeout_s)
+        super().__init__(cfg, transport, transport.num_nodes)
+
+    @property
+    def node_of(self) -> dict[int, int]:
+        return self.transport.node_of  # type: ignore[attr-defined]
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_hosts
+
+    @property
+    def exchanges(self) -> int:
+        return self.transport.exchanges  # type: ignore[attr-defined]
+
+    @property
+    def wait_s(self) -> float:
+        return self.transport.wait_s  # type: ignore[attr-defined]
+
+    @property
+    def wire(self) -> dict[str, int]:
+        return self.transport.wire  # type: ignore[attr-defined]
+
+    def probe(self, nbytes: int, *, seed: int = 0) -> dict[str, Any]:
+        return self.transport.probe(nbytes, seed=seed)  # type: ignore[attr-defined]
+
+
+__all__ = ["FlowerRuntime", "FlowerTransport", "MESSAGE_TYPES", "NodeFailure"]

@@ -8,32 +8,22 @@ see ``run_config``), creates a :class:`FlowerRuntime` on the Grid and runs
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from mona_sfl.checkpoint import default_run_dir
 from mona_sfl.config import Config
 from mona_sfl.runtime.flower.run_config import config_from_run_config
 from mona_sfl.runtime.flower.runtime import FlowerRuntime
 
 
-def default_run_dir(cfg: Config) -> Path:
-    method = "mona" if cfg.algo.align_momentum else "moco"
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model.arch}-cut{cfg.model.cut}-{method}-flower"
-
-
-def flower_trainer(grid: Grid) -> type:
-    """A Trainer subclass whose clients are reached through ``grid`` (works for ``Trainer.resume`` too)."""
-    from mona_sfl.engine import Trainer  # the engine imports every runtime lazily; keep this import late
-
-    class FlowerTrainer(Trainer):
-        def __init__(self, cfg: Config, run_dir: str | Path, *, progress: bool = True, runtime: Any = None) -> None:
-            super().__init__(cfg, run_dir, progress=progress, runtime=runtime or FlowerRuntime(cfg, grid))
-
-    return FlowerTrainer
+def flower_runtime(grid: Grid) -> Callable[[Config], FlowerRuntime]:
+    """The Trainer's runtime argument for clients reached through ``grid`` (``Trainer.resume`` too)."""
+    return lambda cfg: FlowerRuntime(cfg, grid)
 
 
 def run_trainer(
@@ -54,10 +44,11 @@ def run_trainer(
     continues the run in ``run_dir`` from its checkpoint (its own config; ``max_steps`` may
     extend it), the client state going back to the nodes.
     """
-    cls = flower_trainer(grid)
+    from mona_sfl.engine import Trainer
+
     summary: dict[str, Any] = {}
     if resume:
-        trainer = cls.resume(run_dir, progress=progress, max_steps=max_steps)
+        trainer = Trainer.resume(run_dir, progress=progress, max_steps=max_steps, runtime=flower_runtime(grid))
         runtime = trainer.runtime
     else:
         runtime = FlowerRuntime(cfg, grid)
@@ -67,12 +58,13 @@ def run_trainer(
             summary["probe"] = run_probe(runtime, run_dir, probe_mb)
         if train:
             if trainer is None:
-                trainer = cls(cfg, run_dir, progress=progress, runtime=runtime)
+                trainer = Trainer(cfg, run_dir, progress=progress, runtime=runtime)
             summary.update(trainer.run(resumed=resume))
-            summary.update(num_classes=trainer.num_classes, total_steps=trainer.total_steps, device=str(trainer.device))
+            summary.update(total_steps=trainer.total_steps, device=str(trainer.device))
     finally:
         runtime.close()
-    transport = {"flower_nodes": runtime.num_nodes, "flower_exchanges": runtime.exchanges, "flower_wait_s": runtime.wait_s}
+    transport = {"flower_nodes": runtime.num_nodes, "flower_exchanges": runtime.exchanges, "flower_wait_s": runtime.wait_s,
+                 **{f"flower_wire_{k}": v for k, v in runtime.wire.items()}}
     summary.update(transport)
     if train:  # next to summary.json: what the transport cost (the engine's summary has the bytes)
         (Path(run_dir) / "flower_transport.json").write_text(json.dumps(transport, indent=2) + "\n")
@@ -111,7 +103,7 @@ def make_server_app(cfg: Config | None = None, run_dir: str | Path | None = None
                 steps = run_cfg.train.max_steps if res and run_cfg.train.max_steps else None
             if res and not out:
                 raise ValueError("resume=true needs out=<the run folder to continue>")
-            out_dir = Path(out) if out else default_run_dir(run_cfg)
+            out_dir = Path(out) if out else default_run_dir(run_cfg, "flower")
             summary = run_trainer(grid, run_cfg, out_dir, progress=prog, probe_mb=float(rc.get("probe_mb", 0.0)),
                                   train=not bool(rc.get("probe_only", False)), resume=res, max_steps=steps)
             if result is not None:
@@ -128,4 +120,4 @@ def make_server_app(cfg: Config | None = None, run_dir: str | Path | None = None
 # The ServerApp that `flwr run` loads ([tool.flwr.app.components]).
 app = make_server_app()
 
-__all__ = ["app", "make_server_app", "flower_trainer", "run_trainer", "run_probe", "default_run_dir"]
+__all__ = ["app", "make_server_app", "flower_runtime", "run_trainer", "run_probe"]

@@ -19,27 +19,32 @@ summary is resumed (``Trainer.resume``); finished runs (``summary.json``) and at
 records the shared settings; re-running into the same ``--out`` with different settings is
 refused (use another ``--out``). Cuts, methods and seeds may be extended between runs.
 
-Examples::
+Examples (``mona-sfl study``, :mod:`mona_sfl.cli.study`)::
 
-    python simulations/split_depth_study.py --quick --out runs/study-quick        # a few minutes on 2 cores
-    python simulations/split_depth_study.py --config default --cuts 1,2,4,6,8 --seeds 0,1,2 --out runs/study
+    mona-sfl study --quick --out runs/study-quick        # a few minutes on 2 cores
+    mona-sfl study --config default --cuts 1,2,4,6,8 --seeds 0,1,2 --out runs/study
+
+From Python: :func:`run_study`.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
 import json
 import math
-import sys
+import logging
+from collections.abc import Callable, Sequence
 import time
 from pathlib import Path
 from typing import Any
 
 from mona_sfl.checkpoint import CONFIG, SUMMARY, CheckpointError, atomic_write_text, read_metrics
-from mona_sfl.config import Config, ConfigError, load_config, to_flat
+from mona_sfl.config import Config, ConfigError, load_config, resolve_config_path, to_flat
+from mona_sfl.models import NUM_CUTS
+
+log = logging.getLogger("mona_sfl.study")
 
 METHODS = {"MonAcoSFL": True, "MocoSFL": False}  # name -> algo.align_momentum
 ALIASES = {"mona": "MonAcoSFL", "monacosfl": "MonAcoSFL", "moco": "MocoSFL", "mocosfl": "MocoSFL"}
@@ -85,7 +90,7 @@ FULL_ATTACK = {"epochs": 50, "aux_fraction": 0.01, "num_test": 128, "decoder_wid
 # --------------------------------------------------------------------------- arguments
 
 
-def _ints(text: str, what: str) -> list[int]:
+def parse_ints(text: str, what: str) -> list[int]:
     try:
         vals = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
@@ -95,7 +100,7 @@ def _ints(text: str, what: str) -> list[int]:
     return list(dict.fromkeys(vals))
 
 
-def _methods(text: str) -> list[str]:
+def parse_methods(text: str) -> list[str]:
     out = []
     for m in text.replace(" ", "").split(","):
         if not m:
@@ -109,27 +114,6 @@ def _methods(text: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="split_depth_study.py",
-        description="MonAcoSFL vs MocoSFL over cut layers: accuracy, model-inversion attack, communication.",
-    )
-    p.add_argument("--config", help="TOML/YAML config or bundled config name (default: the bundled 'default')")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override for every run (repeatable)")
-    p.add_argument("--cuts", help=f"comma-separated cut layers (default 1..9; --quick: {QUICK_CUTS})")
-    p.add_argument("--methods", default="MonAcoSFL,MocoSFL", help="comma-separated: MonAcoSFL (mona), MocoSFL (moco)")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    p.add_argument("--out", default="runs/split_depth_study", help="study folder (default runs/split_depth_study)")
-    p.add_argument("--attack-epochs", type=int, help=f"decoder training epochs (default {FULL_ATTACK['epochs']}; --quick {QUICK_ATTACK['epochs']})")
-    p.add_argument("--attack-aux-fraction", type=float, help="attacker's share of the training set (default 0.01)")
-    p.add_argument("--attack-num-test", type=int, help="held-out test images attacked (default 128)")
-    p.add_argument("--attack-width", type=int, help="decoder channels (default 64)")
-    p.add_argument("--baseline", action="store_true", help="also attack the untrained front of every (cut, seed)")
-    p.add_argument("--quick", action="store_true", help="tiny synthetic version (a few minutes on 2 CPU cores)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; --quick: 1, which is much faster on a busy machine)")
-    p.add_argument("--progress", action="store_true", help="show training progress")
-    p.add_argument("--no-plots", action="store_true", help="write the CSV only")
-    return p
 
 
 # --------------------------------------------------------------------------- files
@@ -193,7 +177,7 @@ def check_study(out: Path, settings: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- one run
 
 
-def train_run(cfg: Config, run_dir: Path, *, progress: bool) -> dict[str, Any]:
+def train_run(cfg: Config, run_dir: Path, *, progress: bool, report: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, resume or reuse the run in ``run_dir``; returns its summary."""
     from mona_sfl.engine import Trainer
 
@@ -209,7 +193,7 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool) -> dict[str, Any]:
         return json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
     if (run_dir / "checkpoint.pt").is_file():
         trainer = Trainer.resume(run_dir, progress=progress)
-        print(f"  resuming {run_dir} at step {trainer.global_step}", flush=True)
+        report(f"  resuming {run_dir} at step {trainer.global_step}")
         resumed = True
     else:
         for name in (CONFIG, "metrics.jsonl"):  # a run that died before its first checkpoint
@@ -258,14 +242,15 @@ def baseline_cached(cfg: Config, out_dir: Path, attack_kw: dict[str, Any], devic
 
 
 def run_one(
-    cfg: Config, method: str, cut: int, seed: int, out: Path, attack_kw: dict[str, Any], *, baseline: bool, progress: bool
+    cfg: Config, method: str, cut: int, seed: int, out: Path, attack_kw: dict[str, Any], *, baseline: bool, progress: bool,
+    report: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     from mona_sfl.comms import comm_costs
 
     run_dir = out / "runs" / f"{SHORT[method]}-cut{cut}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    summary = train_run(cfg, run_dir, progress=progress)
+    summary = train_run(cfg, run_dir, progress=progress, report=report)
     t1 = time.perf_counter()
     attack_device = "cuda" if cfg.device == "cuda" else ("cpu" if cfg.device == "cpu" else "auto")
     mia = attack_cached(run_dir, attack_kw, int(summary["steps"]), attack_device, seed)
@@ -273,17 +258,16 @@ def run_one(
     traj = misalignment(run_dir)
     costs = comm_costs(cfg)
     if costs.total_steps != summary["steps"] or costs.total_syncs != summary["syncs"]:
-        print(
-            f"  warning: the run took {summary['steps']} steps / {summary['syncs']} syncs, the accounting expected "
-            f"{costs.total_steps} / {costs.total_syncs} (clients lost?)",
-            file=sys.stderr,
+        log.warning(
+            "the run took %s steps / %s syncs, the accounting expected %d / %d (clients lost?)",
+            summary["steps"], summary["syncs"], costs.total_steps, costs.total_syncs,
         )
     measured = {k: int(summary.get(f"bytes_{k}", 0)) for k in ("up", "down", "sync")}
     if any(measured.values()):
         expected = {"up": costs.counted_up_total, "down": costs.counted_down_total, "sync": costs.counted_sync_total}
         off = {k: (measured[k], expected[k]) for k in measured if measured[k] != expected[k]}
         if off:
-            print(f"  note: measured bytes differ from the analytic counts: {off}", file=sys.stderr)
+            log.warning("measured bytes differ from the analytic counts: %s", off)
     row: dict[str, Any] = {
         "method": method,
         "cut": cut,
@@ -503,89 +487,90 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     return paths
 
 
-# --------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------- the study
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return _main(args)
-    except (ConfigError, CheckpointError) as e:
-        print(f"split_depth_study: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from mona_sfl.data.datasets import DataError
-
-        if isinstance(e, DataError):
-            print(f"split_depth_study: error: {e}", file=sys.stderr)
-            return 2
-        raise
+def attack_settings(quick: bool = False, **given: Any) -> dict[str, Any]:
+    """The decoder settings (``FULL_ATTACK`` or ``QUICK_ATTACK`` with ``given`` ones that are not None), checked."""
+    kw = dict(QUICK_ATTACK if quick else FULL_ATTACK)
+    kw.update({k: v for k, v in given.items() if v is not None})
+    if kw["epochs"] < 1 or kw["num_test"] < 1 or kw["decoder_width"] < 1 or not 0 < kw["aux_fraction"] <= 1:
+        raise ConfigError(f"invalid attack settings {kw}: epochs, num-test, width >= 1 and aux-fraction in (0, 1]")
+    return kw
 
 
-def _main(args: argparse.Namespace) -> int:
-    from mona_sfl.cli import resolve_config_path
+def run_study(
+    out: str | Path,
+    *,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    cuts: Sequence[int] | None = None,
+    methods: Sequence[str] = tuple(METHODS),
+    seeds: Sequence[int] = (0,),
+    attack: dict[str, Any] | None = None,
+    baseline: bool = False,
+    quick: bool = False,
+    threads: int | None = None,
+    progress: bool = False,
+    plots: bool = True,
+    report: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Train, attack and count every (method, cut, seed) not yet in ``OUT/split_depth.csv``; returns all rows.
 
-    cuts = _ints(args.cuts or (QUICK_CUTS if args.quick else "1,2,3,4,5,6,7,8,9"), "cuts")
-    seeds = _ints(args.seeds, "seeds")
-    methods = _methods(args.methods)
-    base_overrides = (QUICK_SET if args.quick else []) + list(args.overrides)
-    config_path = resolve_config_path(args.config)
+    ``config``/``overrides`` are shared by every run (``quick`` puts :data:`QUICK_SET` first);
+    ``attack`` is :func:`attack_settings`'s dict; ``report`` receives one line per event.
+    """
+    cuts = list(cuts) if cuts is not None else parse_ints(QUICK_CUTS if quick else ",".join(map(str, range(1, NUM_CUTS + 1))), "cuts")
+    methods = [ALIASES.get(m.lower(), m) for m in methods]
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"unknown method '{m}': choose from MonAcoSFL (mona), MocoSFL (moco)")
+    base_overrides = (QUICK_SET if quick else []) + list(overrides)
+    config_path = resolve_config_path(config)
     base = load_config(config_path, base_overrides)  # validates the shared settings once
     for c in cuts:
-        if not 1 <= c <= 9:
-            raise ConfigError(f"--cuts: cut {c} is out of range: legal cut layers are 1..9")
-    attack_kw = dict(QUICK_ATTACK if args.quick else FULL_ATTACK)
-    for opt, key in (("attack_epochs", "epochs"), ("attack_aux_fraction", "aux_fraction"), ("attack_num_test", "num_test"), ("attack_width", "decoder_width")):
-        v = getattr(args, opt)
-        if v is not None:
-            attack_kw[key] = v
-    if attack_kw["epochs"] < 1 or attack_kw["num_test"] < 1 or attack_kw["decoder_width"] < 1 or not 0 < attack_kw["aux_fraction"] <= 1:
-        raise ConfigError(f"invalid attack settings {attack_kw}: epochs, num-test, width >= 1 and aux-fraction in (0, 1]")
-
-    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+        if not 1 <= c <= NUM_CUTS:
+            raise ConfigError(f"--cuts: cut {c} is out of range: legal cut layers are 1..{NUM_CUTS}")
+    attack_kw = attack_settings(quick) if attack is None else attack
+    threads = threads if threads is not None else (1 if quick else None)
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {threads}")
         import torch
 
         torch.set_num_threads(threads)
-    out = Path(args.out)
+    out = Path(out)
     shared = {k: v for k, v in to_flat(base).items() if k not in ("model.cut", "algo.align_momentum", "seed")}
     check_study(out, {"config": shared, "attack": attack_kw})
     csv_path = out / CSV_NAME
     rows: list[dict[str, Any]] = read_rows(csv_path)
     done = {row_key(r) for r in rows}
     todo = [(m, c, s) for s in seeds for c in cuts for m in methods]
-    print(f"split-depth study: {len(todo)} runs ({', '.join(methods)}; cuts {cuts}; seeds {seeds}) into {out}", flush=True)
+    report(f"split-depth study: {len(todo)} runs ({', '.join(methods)}; cuts {cuts}; seeds {list(seeds)}) into {out}")
     t_start = time.perf_counter()
     for i, (m, c, s) in enumerate(todo, 1):
         tag = f"[{i}/{len(todo)}] {m} cut {c} seed {s}"
         if (m, c, s) in done:
-            print(f"{tag}: in the CSV, skipped", flush=True)
+            report(f"{tag}: in the CSV, skipped")
             continue
         cfg = load_config(config_path, base_overrides + [f"model.cut={c}", f"algo.align_momentum={str(METHODS[m]).lower()}", f"seed={s}"])
-        print(f"{tag}: training", flush=True)
-        row = run_one(cfg, m, c, s, out, attack_kw, baseline=args.baseline, progress=args.progress)
+        report(f"{tag}: training")
+        row = run_one(cfg, m, c, s, out, attack_kw, baseline=baseline, progress=progress, report=report)
         elapsed = row.pop("_elapsed")
         rows.append(row)
         done.add((m, c, s))
         write_rows(csv_path, rows)
         lin = row.get("linear_top1")
-        print(
+        report(
             f"{tag}: kNN {row['knn_top1']:.2f}%" + (f", linear {lin:.2f}%" if lin is not None else "")
-            + f", attack SSIM {row['mia_ssim']:.3f} MSE {row['mia_mse']:.4f}, {row['bytes_total'] / 2**20:.1f} MiB total, {elapsed:.1f} s",
-            flush=True,
+            + f", attack SSIM {row['mia_ssim']:.3f} MSE {row['mia_mse']:.4f}, {row['bytes_total'] / 2**20:.1f} MiB total, {elapsed:.1f} s"
         )
     if not csv_path.is_file():
         write_rows(csv_path, rows)
-    print(f"wrote CSV: {csv_path} ({len(rows)} rows) in {time.perf_counter() - t_start:.1f} s")
-    if not args.no_plots:
+    report(f"wrote CSV: {csv_path} ({len(rows)} rows) in {time.perf_counter() - t_start:.1f} s")
+    if plots:
         sel = [r for r in rows if row_key(r)[0] in methods]
         if sel:
             for p in plot_all(out, sel):
-                print(f"wrote plot: {p}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+                report(f"wrote plot: {p}")
+    return rows

@@ -1,0 +1,86 @@
+"""The command line: ``mona-sfl train | attack | comm | study | deploy-local | certs``.
+
+Every command takes its settings the same way: ``--config FILE|NAME`` (a file, or a bundled
+config name; default: the bundled ``default``) and ``--set key=value`` (repeatable). Library
+code raises; only this package prints errors and chooses exit codes:
+
+0 success, 2 a problem with the input (config, data, run folder, checkpoint: any
+:class:`mona_sfl.errors.UserError`), 1 a failed run (every client lost, activations refused,
+a deployment that failed), 130 / 143 stopped by SIGINT / SIGTERM (after a checkpoint).
+
+Parsing imports neither torch nor the runtimes: a typo is answered at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from mona_sfl.errors import UserError
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+#: Subcommand -> module with ``add_parser(subparsers)`` and ``run(args) -> int``.
+COMMANDS = {
+    "train": "mona_sfl.cli.train",
+    "attack": "mona_sfl.cli.attack",
+    "comm": "mona_sfl.cli.comm",
+    "study": "mona_sfl.cli.study",
+    "deploy-local": "mona_sfl.cli.deploy",
+    "certs": "mona_sfl.cli.certs",
+}
+
+
+def add_settings(p: argparse.ArgumentParser, *, what: str = "the run") -> None:
+    """The one way to pass settings: ``--config`` and repeatable ``--set key=value``."""
+    from mona_sfl.config import bundled_names
+
+    p.add_argument(
+        "--config",
+        help=f"TOML/YAML config file, or a bundled config name ({', '.join(bundled_names())}; default: default)",
+    )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help=f"override a config key of {what}, e.g. --set model.cut=4 (repeatable; keys: README 'Config keys')",
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mona-sfl", description="Split federated self-supervised learning (MonAcoSFL / MocoSFL).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS.values():
+        importlib.import_module(module).add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from mona_sfl.interrupt import TrainingStopped, interrupted_exit
+
+    try:
+        return int(importlib.import_module(COMMANDS[args.command]).run(args))
+    except UserError as e:
+        print(f"mona-sfl: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingStopped as e:
+        print(f"mona-sfl: {e}; continue with: mona-sfl train --resume {e.run_dir}", file=sys.stderr)
+        return e.exit_code  # 128 + signal: 130 for SIGINT, 143 for SIGTERM
+    except KeyboardInterrupt:
+        code, text = interrupted_exit()
+        print(text, file=sys.stderr)
+        return code
+    except RuntimeError as e:
+        from mona_sfl.core.server import ActivationsRejected
+        from mona_sfl.runtime import AllClientsLost
+
+        if not isinstance(e, (AllClientsLost, ActivationsRejected)):
+            raise
+        print(f"mona-sfl: error: {e}; continue with: mona-sfl train --resume RUN_DIR", file=sys.stderr)
+        return EXIT_FAILED
+
+
+__all__ = ["COMMANDS", "EXIT_FAILED", "EXIT_USAGE", "add_settings", "main", "parser"]
