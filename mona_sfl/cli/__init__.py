@@ -1,4 +1,4 @@
-"""The command line: ``mona-sfl train | attack | comm | study | deploy-local | certs``.
+"""The command line: ``mona-sfl train | attack | comm | study | deploy-local | flwr-run | certs``.
 
 Every command takes its settings the same way: ``--config FILE|NAME`` (a file, or a bundled
 config name; default: the bundled ``default``) and ``--set key=value`` (repeatable). Library
@@ -30,6 +30,7 @@ COMMANDS = {
     "comm": "mona_sfl.cli.comm",
     "study": "mona_sfl.cli.study",
     "deploy-local": "mona_sfl.cli.deploy",
+    "flwr-run": "mona_sfl.cli.flwr_run",
     "certs": "mona_sfl.cli.certs",
 }
 
