@@ -289,7 +289,8 @@ class Trainer:
                     raise self._stop(signum)
             self.train_time += time.perf_counter() - t_start
             self._running_since = None
-            summary = self._finish()
+            progress.close()  # the bar's rate is training only: evaluation reports itself
+            summary = self._finish(verbose=self.progress_enabled)
         finally:
             self._running_since = None
             progress.close()
@@ -349,11 +350,15 @@ class Trainer:
         self.last_knn = self.knn()
         self._log({"epoch": self.epoch, "step": self.global_step, "knn_top1": self.last_knn})
 
-    def _finish(self) -> dict[str, Any]:
+    def _finish(self, verbose: bool = False) -> dict[str, Any]:
         cfg = self.cfg
         self.runtime.flush()
         trained = self._metrics.count if self._metrics is not None else 0  # records before the final evaluation
+        say = (lambda text: print(text, file=sys.stderr, flush=True)) if verbose else (lambda text: None)
+        say(f"training done: {self.global_step} steps in {self.train_time:.1f} s; final kNN evaluation ...")
+        t0 = time.perf_counter()
         knn = self.knn()
+        say(f"kNN top-1 {knn:.2f}% ({time.perf_counter() - t0:.1f} s)" + (f"; linear probe ({cfg.eval.linear_epochs} epochs) ..." if cfg.eval.linear else ""))
         self._log({"epoch": self.epoch, "step": self.global_step, "knn_top1": knn, "final": True})
         summary: dict[str, Any] = {
             "knn_top1": knn,
@@ -383,6 +388,7 @@ class Trainer:
             t0 = time.perf_counter()
             summary["linear_top1"] = self.linear()
             summary["linear_s"] = time.perf_counter() - t0
+            say(f"linear probe top-1 {summary['linear_top1']:.2f}% ({summary['linear_s']:.1f} s)")
         self.save(metrics_records=trained)
         atomic_write_text(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
         return summary
