@@ -7,7 +7,8 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -254,6 +255,82 @@ def check_new_run_dir(out: Path) -> None:
         raise ConfigError(f"--out {out} cannot be created: {base} is not a folder; choose another --out")
     if not os.access(base, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out} cannot be created: no permission to write in {base}; choose another --out")
+
+
+def os_error_text(e: OSError) -> str:
+    """One line for an OSError: its cause and the path it concerns."""
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or e}{where}"
+
+
+def _lock_holders(st: os.stat_result) -> list[int]:
+    """Pids holding an flock on the file ``st`` describes (Linux ``/proc/locks``; empty elsewhere)."""
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    pids = []
+    for line in lines:
+        f = line.split()
+        if len(f) >= 6 and f[1] == "FLOCK" and f[-3] == dev and f[-4].isdigit():
+            pids.append(int(f[-4]))
+    return pids
+
+
+@contextmanager
+def lock_run_dir(run_dir: Path, what: str = "the run") -> Iterator[Path]:
+    """Hold an exclusive lock on the folder ``run_dir`` (created if missing) while ``what`` writes it.
+
+    The lock is an ``flock`` on the folder itself, so it leaves no file behind: the kernel
+    releases it when the holder ends in any way (even SIGKILL), so there are no stale locks. A
+    second writer gets a CheckpointError naming the holder's pid, before it changes anything.
+    The folder must be writable (checked with a temporary file, removed at once): a read-only
+    folder is refused here, before any work. A folder this call created is removed again if
+    ``what`` fails before writing anything into it.
+    """
+    import fcntl
+
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise CheckpointError(f"cannot use run folder {run_dir}: {os_error_text(e)}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holders = [p for p in _lock_holders(os.fstat(fd)) if p != os.getpid()] or _lock_holders(os.fstat(fd))
+            who = f"pid {', '.join(map(str, holders))}" if holders else "pid unknown"
+            raise CheckpointError(
+                f"run folder {run_dir} is in use by another mona-sfl process ({who}): wait until it ends "
+                f"(or stop it), or choose another folder"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(run_dir))
+        except OSError:
+            same = False
+        if not same:
+            raise CheckpointError(f"run folder {run_dir} was removed or replaced while it was being locked: try again")
+        try:
+            probe_fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".write-test.", suffix=".tmp")
+            os.close(probe_fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise CheckpointError(f"cannot write in run folder {run_dir} ({e.strerror or e}): {what} needs a writable folder") from None
+        try:
+            yield run_dir
+        except BaseException:
+            if created:
+                try:
+                    os.rmdir(run_dir)  # only if still empty: nothing of a run is lost
+                except OSError:
+                    pass
+            raise
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def check_resumable(run_dir: Path, max_steps: int | None) -> "Config":
