@@ -4,6 +4,7 @@ and the checks that decide whether a folder can take a new run or be resumed."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -133,13 +134,23 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     for name in (CHECKPOINT, PREVIOUS):
         p = run_dir / name
         if not p.exists():
+            if name == CHECKPOINT and (run_dir / PREVIOUS).exists():
+                errors.append(f"{name}: missing")
             continue
         try:
             import torch
 
-            return torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # corrupt or truncated file
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # corrupt, truncated or unreadable file
             errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        if errors:  # the newest checkpoint is lost: say so, and from where the run goes on
+            step = state.get("global_step") if isinstance(state, dict) else None
+            logging.getLogger("mona_sfl").warning(
+                "%s is unusable (%s): falling back to %s (step %s); the steps after it are trained again",
+                run_dir / CHECKPOINT, errors[0].partition(": ")[2], name, step,
+            )
+        return state
     if errors:
         raise CheckpointError(f"no readable checkpoint in {run_dir} ({'; '.join(errors)}): start a new run")
     raise CheckpointError(
@@ -153,6 +164,15 @@ def load_run_config(run_dir: Path) -> "Config":
     from mona_sfl.config import load_config
 
     run_dir = Path(run_dir)
+    try:
+        return _load_run_config(run_dir)
+    except OSError as e:  # no search permission, a name too long, ...
+        raise CheckpointError(f"cannot read run folder {run_dir}: {os_error_text(e)}") from None
+
+
+def _load_run_config(run_dir: Path) -> "Config":
+    from mona_sfl.config import load_config
+
     if not run_dir.is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist")
     if not (run_dir / CONFIG).is_file():
@@ -211,7 +231,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # torn, garbled, a number of 5000 digits, nesting 100000 deep
             continue
         if isinstance(rec, dict):
             out.append(rec)
@@ -242,6 +262,13 @@ def default_run_dir(cfg: "Config", suffix: str = "") -> Path:
 
 def check_new_run_dir(out: Path) -> None:
     """Refuse an --out that cannot take a new run, before anything is written anywhere."""
+    try:
+        _check_new_run_dir(Path(out))
+    except OSError as e:  # a name too long, a folder on the way without search permission, ...
+        raise ConfigError(f"--out {out} cannot be used: {os_error_text(e)}; choose another --out") from None
+
+
+def _check_new_run_dir(out: Path) -> None:
     if out.is_symlink() and not out.exists():
         raise ConfigError(f"--out {out} is a broken symbolic link: remove it or choose another --out")
     if out.exists() and not out.is_dir():
@@ -335,6 +362,13 @@ def lock_run_dir(run_dir: Path, what: str = "the run") -> Iterator[Path]:
 
 def check_resumable(run_dir: Path, max_steps: int | None) -> "Config":
     """The run's config, unless the folder is no run or the run has finished (nothing would be trained)."""
+    try:
+        return _check_resumable(Path(run_dir), max_steps)
+    except OSError as e:  # a name too long, a folder without search permission, ...
+        raise CheckpointError(f"--resume {run_dir} cannot be used: {os_error_text(e)}") from None
+
+
+def _check_resumable(run_dir: Path, max_steps: int | None) -> "Config":
     from mona_sfl.config import with_overrides
 
     if run_dir.exists() and not run_dir.is_dir():
@@ -348,8 +382,13 @@ def check_resumable(run_dir: Path, max_steps: int | None) -> "Config":
     try:
         done = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
         steps, epochs = int(done["steps"]), int(done["epochs"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return cfg  # no (readable) summary: the run has not finished
+    except FileNotFoundError:
+        return cfg  # no summary: the run has not finished
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
+        raise CheckpointError(
+            f"{run_dir / SUMMARY} is damaged ({type(e).__name__}), so whether the run has finished is unknown: delete it "
+            f"to continue the run from its checkpoint, or restore it"
+        ) from None
     limit = cfg.train.max_steps if max_steps is None else max_steps
     if epochs >= cfg.train.epochs:
         raise CheckpointError(

@@ -140,3 +140,217 @@ def test_in_process_second_lock_is_refused(tmp_path: Path) -> None:
                 pass
     with lock_run_dir(tmp_path):  # released
         pass
+
+
+# ----------------------------------------------------------------------------- image folders
+def class_tree(root: Path, n: int = 3, classes: tuple[str, ...] = ("a", "b")) -> Path:
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def load(root: Path, **kw: int) -> torch.Tensor:
+    return load_dataset("imagefolder", "train", root=str(root), image_size=8, **kw)
+
+
+def test_a_symlink_loop_in_a_class_folder_is_an_error_naming_it(tmp_path: Path) -> None:
+    root = class_tree(tmp_path / "data")
+    os.symlink(root / "a", root / "a" / "loop")  # back into the tree: a loop
+    with pytest.raises(DataError, match=r"loop'.* is a symbolic link pointing back into the image tree"):
+        load(root)
+
+
+def test_links_out_of_or_back_into_the_tree_are_not_followed(tmp_path: Path) -> None:
+    root = class_tree(tmp_path / "data")
+    outside = class_tree(tmp_path / "elsewhere", classes=("x",))
+    os.symlink(outside / "x", root / "a" / "more")
+    with pytest.raises(DataError, match="pointing out of the image tree"):
+        load(root)
+    os.unlink(root / "a" / "more")
+    os.symlink(root / "b" / "0.png", root / "a" / "copy.png")  # b's image again, labelled a
+    with pytest.raises(DataError, match=r"copy.png' is a symbolic link pointing back into the image tree"):
+        load(root)
+    os.unlink(root / "a" / "copy.png")
+    os.symlink(root / "a", root / "c")  # a class folder that is another class folder
+    with pytest.raises(DataError, match="are the same folder or one holds the other"):
+        load(root)
+    os.unlink(root / "c")
+    os.symlink(outside / "x", root / "c")  # a class folder linked from elsewhere: allowed
+    data = load(root)
+    assert data.classes == ["a", "b", "c"] and data.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_sixteen_bit_and_every_pil_mode_load_with_correct_values(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "g").mkdir(parents=True)
+    (root / "h").mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(root / "g" / "grey16.png")  # 50% grey
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(root / "g" / "white16.tif")
+    Image.fromarray(np.full((8, 8), 0.25, dtype=np.float32)).save(root / "g" / "float.tif")
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 10
+    Image.fromarray(rgba, "RGBA").save(root / "h" / "rgba.png")
+    Image.fromarray(np.full((8, 8), 77, dtype=np.uint8), "L").convert("P").save(root / "h" / "pal.gif")
+    Image.new("1", (8, 8), 1).save(root / "h" / "bits.bmp")
+    Image.new("CMYK", (8, 8), (0, 0, 0, 0)).save(root / "h" / "cmyk.tif")
+    d = load(root)
+    px = {p: d.images[i, :, 0, 0].tolist() for i, p in enumerate(["float", "grey16", "white16", "bits", "cmyk", "pal", "rgba"])}
+    assert px == {
+        "float": [64, 64, 64], "grey16": [128, 128, 128], "white16": [255, 255, 255], "bits": [255, 255, 255],
+        "cmyk": [255, 255, 255], "pal": [77, 77, 77], "rgba": [200, 0, 0],
+    }
+
+
+def test_the_decompression_bomb_limit_applies_and_a_key_raises_it(tmp_path: Path) -> None:
+    root = class_tree(tmp_path / "data")
+    Image.new("L", (300, 200)).save(root / "a" / "big.png")
+    with pytest.raises(DataError, match=r"big.png' is too large \(300x200 = 60000 pixels, limit data.max_image_pixels=50000\)"):
+        load(root, max_image_pixels=50_000)
+    assert len(load(root, max_image_pixels=60_000)) == 7
+    # the default applies PIL's limit to the fast PNG path too: 20000 x 20000 in a small file
+    Image.new("1", (20000, 20000)).save(root / "a" / "big.png")
+    assert (root / "a" / "big.png").stat().st_size < 2_000_000
+    with pytest.raises(DataError, match="is too large .*data.max_image_pixels=89478485"):
+        load(root)
+    cfg = load_config(None, ["data.max_image_pixels=400000000"])
+    assert cfg.data.max_image_pixels == 400_000_000
+    with pytest.raises(ConfigError, match="data.max_image_pixels must be >= 1"):
+        load_config(None, ["data.max_image_pixels=0"])
+
+
+# ----------------------------------------------------------------------------- damaged run files
+@pytest.mark.parametrize(
+    "content",
+    ['{"steps": 1e999, "epochs": 1}', "[" * 100000 + "]" * 100000, '{"steps": ' + "9" * 5000 + ', "epochs": 0}'],
+    ids=["huge-float", "deep-nesting", "huge-int"],
+)
+def test_a_damaged_summary_is_one_clear_error(stopped_run: Path, tmp_path: Path, content: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run = copy_run(stopped_run, tmp_path / "run")
+    (run / "summary.json").write_text(content)
+    before = tree(run)
+    assert main(["train", "--quiet", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'summary.json'} is damaged" in err and "Traceback" not in err
+    assert tree(run) == before
+
+
+def test_damaged_metrics_lines_are_skipped_and_the_resume_is_exact(stopped_run: Path, tmp_path: Path) -> None:
+    run = copy_run(stopped_run, tmp_path / "run")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": ' + "9" * 5000 + "}\n" + "[" * 100000 + "]" * 100000 + "\n")
+    assert read_metrics(run / "metrics.jsonl") == read_metrics(stopped_run / "metrics.jsonl")
+    assert main(["train", "--quiet", "--resume", str(run), "--set", "train.max_steps=3"]) == 0
+    assert "9" * 5000 not in (run / "metrics.jsonl").read_text()
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
+
+
+def test_a_fallback_to_the_previous_checkpoint_says_so_and_why(stopped_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run = copy_run(stopped_run, tmp_path / "run")
+    prev_step = torch.load(run / "checkpoint.prev.pt", weights_only=True)["global_step"]
+    (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:200])  # truncated
+    with caplog.at_level("WARNING", logger="mona_sfl"):
+        assert main(["train", "--quiet", "--resume", str(run), "--set", "train.max_steps=3"]) == 0
+    msg = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+    assert len(msg) == 1
+    assert msg[0].startswith(f"{run / 'checkpoint.pt'} is unusable (")
+    assert msg[0].endswith(f"falling back to checkpoint.prev.pt (step {prev_step}); the steps after it are trained again")
+
+
+# ----------------------------------------------------------------------------- paths and permissions
+def test_a_name_too_long_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    long = tmp_path / ("x" * 300) / "run"
+    assert main(["train", "--quiet", "--out", str(long), *sets()]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mona-sfl: error: --out {long} cannot be used: File name too long") and err.count("\n") == 1
+    assert main(["train", "--quiet", "--resume", str(long)]) == 2
+    assert "File name too long" in capsys.readouterr().err
+    assert main(["attack", str(long)]) == 2
+    assert "File name too long" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def without_root_powers(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run the CLI without the powers that let root read and search every folder (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH dropped from the bounding set before exec), so permissions apply to it."""
+    import ctypes
+
+    def drop() -> None:
+        if os.getuid() == 0:
+            libc = ctypes.CDLL(None, use_errno=True)
+            for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+                if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                    os._exit(77)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "mona_sfl", *args], cwd=cwd, env=env, capture_output=True, text=True, preexec_fn=drop, timeout=300)
+    if r.returncode == 77:
+        pytest.skip("cannot drop root's file capabilities here")
+    return r
+
+
+def test_an_unreadable_subfolder_and_a_folder_without_search_permission(tmp_path: Path) -> None:
+    shared_dir = tmp_path
+    root = class_tree(shared_dir / "data")
+    (root / "a" / "more").mkdir()
+    class_tree(root / "a" / "more", classes=("deep",))
+    (root / "a" / "more").chmod(0o300)  # no read: its images cannot be listed
+    out = shared_dir / "out"
+    r = without_root_powers(["train", "--quiet", "--out", str(out), *sets("data.name=imagefolder", f"data.dir={root}", "train.batch_size=2")], shared_dir)
+    assert r.returncode == 2, r.stderr
+    assert f"cannot read folder '{root / 'a' / 'more'}' (Permission denied)" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+    locked = shared_dir / "locked"
+    locked.mkdir(mode=0o700)
+    locked.chmod(0o600)  # no search permission
+    try:
+        _search_checks(shared_dir, locked)
+    finally:
+        locked.chmod(0o700)
+        (root / "a" / "more").chmod(0o700)
+
+
+def _search_checks(shared_dir: Path, locked: Path) -> None:
+    r = without_root_powers(["train", "--quiet", "--out", str(locked / "run"), *sets()], shared_dir)
+    assert r.returncode == 2 and f"--out {locked / 'run'} cannot be used: Permission denied" in r.stderr, r.stderr
+    r = without_root_powers(["train", "--quiet", "--resume", str(locked / "run")], shared_dir)
+    assert r.returncode == 2 and "Permission denied" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- deployment values
+def test_the_deployed_app_carries_any_folder_name_as_one_value(tmp_path: Path) -> None:
+    from mona_sfl.runtime.flower.deploy import write_app
+    from mona_sfl.runtime.flower.run_config import config_from_run_config
+
+    cfg = load_config(None, [*TINY, "device=cpu"])
+    odd = tmp_path / 'run" device="cuda\' \\ x\ny'
+    write_app(tmp_path / "app", cfg, odd, probe_mb=2.0, probe_only=True)
+    table = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
+    assert table["out"] == str(odd) and table["device"] == "cpu" and table["probe_mb"] == 2.0 and table["probe_only"] is True
+    assert config_from_run_config(table).device == "cpu"
+
+
+def test_deploy_local_refuses_bad_out_folders_before_starting_anything(stopped_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = copy_run(stopped_run, tmp_path / "run")
+    before = tree(tmp_path)
+    assert main(["deploy-local", "--out", str(run), *sets()]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["deploy-local", "--out", str(tmp_path / "file"), *sets()]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    undecodable = os.fsdecode(bytes(tmp_path) + b"/bad\xff")
+    assert main(["deploy-local", "--out", undecodable, *sets()]) == 2
+    assert "holds bytes that are not UTF-8" in capsys.readouterr().err
+    assert tree(tmp_path) == {**before, "file": b"x"}
+
+
+def test_the_server_app_never_starts_a_run_over_another(stopped_run: Path, tmp_path: Path) -> None:
+    from mona_sfl.runtime.flower.server_app import run_trainer
+
+    run = copy_run(stopped_run, tmp_path / "run")
+    before = tree(run)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_trainer(None, load_config(None, TINY), run)  # type: ignore[arg-type]  # refused before the grid is used
+    assert tree(run) == before
