@@ -354,3 +354,66 @@ def test_the_server_app_never_starts_a_run_over_another(stopped_run: Path, tmp_p
     with pytest.raises(ConfigError, match="already holds a run"):
         run_trainer(None, load_config(None, TINY), run)  # type: ignore[arg-type]  # refused before the grid is used
     assert tree(run) == before
+
+
+# ----------------------------------------------------------------------------- sizes and bounds
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algo.K=100000000"], "algo.K=100000000 exceeds the limit 16777216"),
+        (["algo.dim=1000000"], "algo.dim=1000000 exceeds the limit 65536"),
+        (["algo.K=1000000", "algo.dim=1024"], "algo.K x algo.dim = 1024000000 queue entries exceeds the limit 268435456"),
+        (["algo.hidden_dim=1000000000"], "algo.hidden_dim=1000000000 exceeds the limit 65536"),
+        (["data.synthetic_size=100000000"], "data.synthetic_size=100000000 exceeds the limit 10000000"),
+        (["data.synthetic_size=1000000", "data.image_size=512"], "= 786432000000 bytes exceeds the limit 8589934592"),
+        (["train.weight_decay=1e300"], "train.weight_decay must be in [0, 1.0], got 1e+300"),
+        (["flower.num_supernodes=1000000", "fed.num_clients=2"], "flower.num_supernodes=1000000 exceeds the limit fed.num_clients=2"),
+        (["train.epochs=10000000"], "train.epochs=10000000 exceeds the limit 10000"),
+        (["train.epochs=1000", "fed.num_clients=100000"], "train.epochs x fed.num_clients = 100000000 exceeds the limit 10000000"),
+        (["train.batch_size=1000000"], "train.batch_size=1000000 exceeds the limit 65536"),
+        (["fed.num_clients=1000000000"], "fed.num_clients=1000000000 exceeds the limit 100000"),
+    ],
+)
+def test_resource_bounds_name_the_key_and_the_limit(overrides: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+    assert main(["comm", *[x for o in overrides for x in ("--set", o)]]) == 2  # the analytic command too, at once
+    assert message in capsys.readouterr().err
+
+
+def test_comm_steps_per_epoch_is_bounded(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["comm", "--steps-per-epoch", "1000000000"]) == 2
+    assert "--steps-per-epoch must be in 1..10000000, got 1000000000" in capsys.readouterr().err
+
+
+def test_a_yaml_alias_bomb_is_refused(tmp_path: Path) -> None:
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    assert (tmp_path / "bomb.yaml").stat().st_size < 1000
+    with pytest.raises(ConfigError, match=r"YAML aliases \(\*a\) are not accepted in a config \(line 2\)"):
+        load_config(tmp_path / "bomb.yaml")
+    (tmp_path / "big.toml").write_text("# " + "x" * 1_000_001 + "\n")
+    with pytest.raises(ConfigError, match="is larger than 1000000 bytes"):
+        load_config(tmp_path / "big.toml")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--decoder-width", "0"], "attack decoder-width must be an integer >= 1, got 0"),
+        (["--seed", "-1"], "attack seed must be an integer >= 0, got -1"),
+        (["--device", "tpu"], "attack device must be one of cpu, cuda, auto, got 'tpu'"),
+        (["--epochs", "0"], "attack epochs must be an integer >= 1, got 0"),
+        (["--aux-fraction", "nan"], "attack aux-fraction must be in (0, 1], got nan"),
+    ],
+)
+def test_bad_attack_arguments_exit_2_before_any_work(stopped_run: Path, tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run = copy_run(stopped_run, tmp_path / "run")
+    before = tree(run)
+    assert main(["attack", str(run), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert tree(run) == before
