@@ -59,13 +59,28 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None], before_replace:
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        cause = os_cause(e)
+        if cause is not None and (cause is not e or not e.filename):  # e.g. torch.save's RuntimeError over ENOSPC
+            raise OSError(cause.errno, cause.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)
+
+
+def os_cause(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (itself, or one it was raised while handling), or None."""
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 10:
+        if isinstance(cur, OSError) and cur.errno is not None:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -207,19 +222,28 @@ class MetricsLog:
             self._f.flush()
             pause_point("metrics_write", int(record["step"]))
             line = line[half:]
-        self._f.write(line)
-        self._f.flush()
+        try:
+            self._f.write(line)
+            self._f.flush()
+        except OSError as e:  # no space: name the file (the torn line is dropped on resume)
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         self.count += 1
 
     def sync(self) -> None:
         """Flush and fsync: the records a checkpoint counts are on disk before it is."""
         if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            try:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
 
     def close(self) -> None:
         if not self._f.closed:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass  # a write that failed already raised; what it left is dropped on resume
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -428,7 +452,9 @@ def resume_state(run_dir: Path, max_steps: int | None = None) -> tuple["Config",
             f"checkpoint in {run_dir} has version {state.get('version')!r}, expected {CHECKPOINT_VERSION} "
             f"(written by another version of mona_sfl): resume it with that version or start a new run"
         )
-    diff = config_diff(state.get("config", {}), cfg)
+    # train.max_steps may change on resume: config.toml holds the newest value even when the resume
+    # that wrote it stopped before its first checkpoint (a full disk, a kill)
+    diff = [k for k in config_diff(state.get("config", {}), cfg) if k != "train.max_steps"]
     if diff:
         raise CheckpointError(f"{run_dir / CONFIG} does not match the checkpoint (differs in: {', '.join(diff[:8])}): restore the original config")
     keep = state.get("metrics_records")

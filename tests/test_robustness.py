@@ -63,9 +63,10 @@ def tree(root: Path) -> dict[str, bytes | str]:
 
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny run that stopped at step 2 of an epoch (summary.json removed: a resume continues it)."""
+    """A tiny run that stopped at step 2 of an epoch of 5 (summary.json removed: a resume continues
+    it); it syncs every 2 steps, so its last step's sync is one a longer run makes too."""
     run = tmp_path_factory.mktemp("stopped") / "run"
-    assert main(["train", "--quiet", "--out", str(run), *sets()]) == 0
+    assert main(["train", "--quiet", "--out", str(run), *sets("fed.sync_every=2")]) == 0
     (run / "summary.json").unlink()
     return run
 
@@ -417,3 +418,27 @@ def test_bad_attack_arguments_exit_2_before_any_work(stopped_run: Path, tmp_path
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert tree(run) == before
+
+
+# ----------------------------------------------------------------------------- disk full, read-only, extensions
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+
+
+def test_extending_a_finished_run_gives_the_longer_runs_losses_or_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ref = tmp_path / "ref"
+    assert main(["train", "--quiet", "--out", str(ref), *sets("fed.sync_every=2", "train.max_steps=4")]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--quiet", "--out", str(run), *sets("fed.sync_every=2")]) == 0  # finished at step 2
+    assert main(["train", "--quiet", "--resume", str(run), "--set", "train.max_steps=4"]) == 0
+    assert losses(run) == losses(ref)  # exactly: its step-2 sync is one the 4-step run makes too
+    # without fed.sync_every the 2-step run's last sync is one a 3-step run does not make: refused, nothing changed
+    short = tmp_path / "short"
+    assert main(["train", "--quiet", "--out", str(short), *sets()]) == 0
+    before = tree(short)
+    capsys.readouterr()
+    assert main(["train", "--quiet", "--resume", str(short), "--set", "train.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "stopped at step 2 (train.max_steps=2) with a final sync that a run of 3 steps does not make there" in err
+    assert "start a new run with --set train.max_steps=3" in err
+    assert tree(short) == before
