@@ -442,3 +442,47 @@ def test_extending_a_finished_run_gives_the_longer_runs_losses_or_is_refused(tmp
     assert "stopped at step 2 (train.max_steps=2) with a final sync that a run of 3 steps does not make there" in err
     assert "start a new run with --set train.max_steps=3" in err
     assert tree(short) == before
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """A 4 MiB tmpfs (root only; skipped where mounting is not permitted), unmounted afterwards."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_is_one_line_exit_1_and_the_run_resumes_exactly_afterwards(small_disk: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ref = tmp_path / "ref"
+    assert main(["train", "--quiet", "--out", str(ref), *sets("fed.sync_every=2", "train.max_steps=4")]) == 0
+    run = small_disk / "run"
+    assert main(["train", "--quiet", "--out", str(run), *sets("fed.sync_every=2")]) == 0
+    (run / "summary.json").unlink()
+    st = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 64 * 1024))  # 64 KiB left
+    capsys.readouterr()
+    assert main(["train", "--quiet", "--resume", str(run), "--set", "train.max_steps=4"]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("mona-sfl: error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and f"({run}/" in errors[0], err
+    assert "Traceback" not in err and "During handling" not in err
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["global_step"] == 2  # the previous checkpoint, intact
+    (small_disk / "filler").unlink()  # the cause is gone
+    assert main(["train", "--quiet", "--resume", str(run)]) == 0  # config.toml already holds train.max_steps=4
+    assert losses(run) == losses(ref)
+
+
+def test_a_read_only_run_folder_is_refused_before_any_work(small_disk: Path, stopped_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = copy_run(stopped_run, small_disk / "run")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    capsys.readouterr()
+    assert main(["train", "--quiet", "--resume", str(run), "--set", "train.max_steps=3"]) == 2
+    assert f"cannot write in run folder {run} (Read-only file system): --resume needs a writable folder" in capsys.readouterr().err
+    assert main(["attack", str(run), "--epochs", "1000000"]) == 2  # refused at once, not after training the decoder
+    assert f"cannot write in run folder {run} (Read-only file system): the attack needs a writable folder" in capsys.readouterr().err
