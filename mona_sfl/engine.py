@@ -23,6 +23,7 @@ from mona_sfl import build
 from mona_sfl.checkpoint import (
     CHECKPOINT_VERSION,
     CONFIG,
+    CheckpointError,
     METRICS,
     SUMMARY,
     MetricsLog,
@@ -407,8 +408,29 @@ class Trainer:
             if type(e).__module__.startswith("mona_sfl"):  # a runtime fault or our own error, not a damaged file
                 raise
             raise damaged(run_dir, e) from None
+        try:
+            trainer._check_extension(state)
+        except CheckpointError:
+            trainer.runtime.close()
+            raise
         prepare_resume(run_dir, state, cfg, max_steps=max_steps)
         return trainer
+
+    def _check_extension(self, state: dict[str, Any]) -> None:
+        """A run stopped by ``train.max_steps`` made a sync after its last step because it was the
+        last; a longer run makes it only where its schedule says so. Continuing such a run past
+        that step would not give the longer run's training: refuse it (CheckpointError)."""
+        old = state.get("config", {}).get("train.max_steps")
+        step, in_epoch = self.global_step, self.step_in_epoch
+        if not isinstance(old, int) or not old or step < old or step >= self.total_steps or in_epoch == 0:
+            return  # not stopped by max_steps, not extended, or at an epoch end (a sync in every schedule)
+        if self.schedule.sync_due(in_epoch, step):
+            return
+        raise CheckpointError(
+            f"the run in {self.run_dir} stopped at step {step} (train.max_steps={old}) with a final sync that a run of "
+            f"{self.total_steps} steps does not make there (fed.sync_every={self.cfg.fed.sync_every}), so continuing it "
+            f"would not reproduce the longer run: start a new run with --set train.max_steps={self.cfg.train.max_steps}"
+        )
 
 
 def count_params(module: torch.nn.Module) -> int:

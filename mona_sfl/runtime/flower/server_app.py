@@ -50,6 +50,10 @@ def run_trainer(
     from mona_sfl.engine import Trainer
 
     summary: dict[str, Any] = {}
+    if train and not resume:
+        from mona_sfl.checkpoint import check_new_run_dir
+
+        check_new_run_dir(Path(run_dir))  # never write a new run over another one (`flwr run` passes any out)
     if resume:
         trainer = Trainer.resume(run_dir, progress=progress, max_steps=max_steps, runtime=flower_runtime(grid))
         runtime = trainer.runtime
