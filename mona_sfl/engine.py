@@ -102,7 +102,8 @@ class Progress:
 
 
 class Trainer:
-    """One run, in one run folder. ``Trainer(cfg, out).run()`` or ``Trainer.resume(out).run()``.
+    """One run, in one run folder. ``Trainer(cfg, out).run()`` or ``Trainer.resume(out).run()``;
+    as a context manager (``with Trainer(cfg, out) as t: t.run()``) it closes its runtime on exit.
 
     ``runtime``: where the clients run; by default the runtime named by ``cfg.runtime``. Pass
     an instance, or a function of the config (a Flower ServerApp passes one over its Grid).
@@ -158,6 +159,12 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if self._metrics is not None:
             self._metrics.write(record)
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.runtime.close()  # Ray: the actors and the private Ray instance
 
     @property
     def total_steps(self) -> int:

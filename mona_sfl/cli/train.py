@@ -34,16 +34,8 @@ def resume_max_steps(overrides: list[str]) -> int | None:
     return max_steps
 
 
-def _train(trainer: Any, resumed: bool) -> dict[str, Any]:
-    try:
-        return trainer.run(resumed=resumed)
-    finally:
-        trainer.runtime.close()  # Ray: stop the actors and the private Ray instance
-
-
 def run(args: argparse.Namespace) -> int:
-    from mona_sfl.checkpoint import check_new_run_dir, check_resumable, default_run_dir
-    from mona_sfl.config import load_config, resolve_config_path
+    from mona_sfl.checkpoint import check_resumable, default_run_dir
     from mona_sfl.interrupt import stop_on_signals
 
     with stop_on_signals():  # SIGINT/SIGTERM: checkpoint, then TrainingStopped
@@ -61,30 +53,15 @@ def run(args: argparse.Namespace) -> int:
             else:
                 from mona_sfl.engine import Trainer
 
-                trainer = Trainer.resume(run_dir, progress=not args.quiet, max_steps=max_steps)
-                print(f"resuming {run_dir} at step {trainer.global_step} (epoch {trainer.epoch})", file=sys.stderr)
-                summary = _train(trainer, resumed=True)
+                with Trainer.resume(run_dir, progress=not args.quiet, max_steps=max_steps) as trainer:
+                    print(f"resuming {run_dir} at step {trainer.global_step} (epoch {trainer.epoch})", file=sys.stderr)
+                    summary = trainer.run(resumed=True)
         else:
-            cfg = load_config(resolve_config_path(args.config), args.overrides)
+            from mona_sfl.api import make_config, train
+
+            cfg = make_config(args.config, args.overrides)
             run_dir = Path(args.out) if args.out else default_run_dir(cfg)
-            check_new_run_dir(run_dir)
-            what = f"training {cfg.model.arch} width {cfg.model.width} cut {cfg.model.cut} ({cfg.method}), {cfg.fed.num_clients} clients, "
-            if cfg.runtime == "flower":
-                from mona_sfl.runtime.flower.launch import train_with_flower
-
-                if cfg.data.name != "imagefolder":  # fail in seconds, not after starting Flower (decoding folders twice costs more)
-                    from mona_sfl import build
-
-                    train = build.load_data(cfg, "train")
-                    build.client_partition(cfg, train.labels, len(train.classes))
-                print(f"{what}runtime flower (simulation engine, {cfg.num_nodes} SuperNodes), data {cfg.data.name}", file=sys.stderr)
-                summary = train_with_flower(cfg, run_dir, progress=not args.quiet)
-            else:
-                from mona_sfl.engine import Trainer
-
-                trainer = Trainer(cfg, run_dir, progress=not args.quiet)
-                print(f"{what}{trainer.total_steps} steps, runtime {cfg.runtime}, device {trainer.device}, data {cfg.data.name}", file=sys.stderr)
-                summary = _train(trainer, resumed=False)
+            summary = train(cfg, out=run_dir, progress=not args.quiet, report=lambda line: print(line, file=sys.stderr))
     print_summary(summary, run_dir)
     return 0
 

@@ -200,10 +200,8 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool, report: Callable[[s
             (run_dir / name).unlink(missing_ok=True)
         trainer = Trainer(cfg, run_dir, progress=progress)
         resumed = False
-    try:
+    with trainer:
         return trainer.run(resumed=resumed)
-    finally:
-        trainer.runtime.close()
 
 
 def misalignment(run_dir: Path) -> list[dict[str, float]]:

@@ -1,0 +1,85 @@
+"""The Python API: one call trains a run and returns its summary (for notebooks and scripts).
+
+    import mona_sfl
+    summary = mona_sfl.train("default", overrides={"model.cut": 4}, out="runs/cut4")
+
+:func:`train` does what ``mona-sfl train`` does for a new run (same config resolution, same
+run folder) and closes the runtime it started (Ray actors, Flower's simulation) however the
+run ends. The command line is built on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mona_sfl.config import Config, ConfigError, load_config, resolve_config_path, toml_value, with_overrides
+
+
+def override_strings(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[str]:
+    """``{"model.cut": 4}`` or ``["model.cut=4"]`` as ``key=value`` strings (typed by the schema when loaded)."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, Mapping):
+        out = []
+        for k, v in overrides.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"override key {k!r} must be a dotted name such as 'model.cut'")
+            if not isinstance(v, (bool, int, float, str)):
+                raise ConfigError(f"override {k}={v!r}: values must be bool, int, float or str, got {type(v).__name__}")
+            out.append(f"{k}={v if isinstance(v, str) else toml_value(v)}")
+        return out
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a dict or a list of 'key=value' strings, got the string {overrides!r}")
+    return [str(o) for o in overrides]
+
+
+def make_config(config: str | Path | Config | None = None, overrides: Mapping[str, Any] | Sequence[str] | None = None) -> Config:
+    """A validated Config: ``config`` is a file, a bundled config name (None: ``default``) or a Config."""
+    if isinstance(config, Config):
+        return with_overrides(config, override_strings(overrides))
+    return load_config(resolve_config_path(config), override_strings(overrides))
+
+
+def train(
+    config: str | Path | Config | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    out: str | Path | None = None,
+    *,
+    progress: bool = False,
+    report: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train a new run and return its summary (what ``summary.json`` holds).
+
+    ``config``: a TOML/YAML file, a bundled config name (None: ``default``) or a Config;
+    ``overrides``: ``{"model.cut": 4}`` or ``["model.cut=4"]``; ``out``: the run folder
+    (default ``runs/<time>-<arch>-cut<N>-<method>``; it must not hold a run already);
+    ``progress``: the progress bar; ``report``: receives a line describing the run.
+    Raises :class:`mona_sfl.errors.UserError` (e.g. ConfigError) on bad input.
+    """
+    from mona_sfl.checkpoint import check_new_run_dir, default_run_dir
+
+    cfg = make_config(config, overrides)
+    run_dir = Path(out) if out is not None else default_run_dir(cfg)
+    check_new_run_dir(run_dir)
+    say = report or (lambda _line: None)
+    what = f"training {cfg.model.arch} width {cfg.model.width} cut {cfg.model.cut} ({cfg.method}), {cfg.fed.num_clients} clients, "
+    if cfg.runtime == "flower":
+        from mona_sfl.runtime.flower.launch import train_with_flower
+
+        if cfg.data.name != "imagefolder":  # fail in seconds, not after starting Flower (decoding folders twice costs more)
+            from mona_sfl import build
+
+            data = build.load_data(cfg, "train")
+            build.client_partition(cfg, data.labels, len(data.classes))
+        say(f"{what}runtime flower (simulation engine, {cfg.num_nodes} SuperNodes), data {cfg.data.name}")
+        return train_with_flower(cfg, run_dir, progress=progress)
+    from mona_sfl.engine import Trainer
+
+    with Trainer(cfg, run_dir, progress=progress) as trainer:
+        say(f"{what}{trainer.total_steps} steps, runtime {cfg.runtime}, device {trainer.device}, data {cfg.data.name}")
+        return trainer.run()
+
+
+__all__ = ["make_config", "override_strings", "train"]
