@@ -23,9 +23,7 @@ from mona_sfl import build
 from mona_sfl.checkpoint import (
     CHECKPOINT_VERSION,
     CONFIG,
-    METRICS,
     SUMMARY,
-    MetricsLog,
     atomic_write_text,
     damaged,
     prepare_resume,
@@ -37,6 +35,7 @@ from mona_sfl.core import AGGREGATIONS
 from mona_sfl.core.sync import StateDict, sync_fronts
 from mona_sfl.eval.monitor import Monitor
 from mona_sfl.interrupt import TrainingStopped, pause_point, rearm, set_active_run, stop_requested
+from mona_sfl.logs import RunLog, check_available
 from mona_sfl.runtime import RUNTIMES, AllClientsLost
 from mona_sfl.runtime.sharded import ShardedRuntime
 from mona_sfl.threads import threads
@@ -110,6 +109,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, run_dir: str | Path, *, progress: bool = True, runtime: RuntimeArg = None) -> None:
+        check_available(cfg)  # a missing logging package, before loading anything
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress_enabled = progress
@@ -142,7 +142,7 @@ class Trainer:
         self.last_knn: float | None = None
         self.last_loss = float("nan")
         self.syncs = 0
-        self._metrics: MetricsLog | None = None
+        self._metrics: RunLog | None = None  # metrics.jsonl and the log.backends
         self._t_run_start = time.perf_counter()
         self._last_save = time.monotonic()  # for train.checkpoint_minutes
         self._running_since: float | None = None  # perf_counter at run() start (train_time of checkpoints taken meanwhile)
@@ -154,7 +154,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not resumed:
             atomic_write_text(self.run_dir / CONFIG, dumps_toml(self.cfg))
-        self._metrics = MetricsLog(self.run_dir / METRICS)
+        self._metrics = RunLog(self.cfg, self.run_dir)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self._metrics is not None:
