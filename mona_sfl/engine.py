@@ -324,7 +324,10 @@ class Trainer:
             T.server += t2 - t1
             self.images += sum(g.shape[0] for g in res.grads.values()) * cfg.train.batch_size // cfg.rows_per_client
             self.last_loss = res.loss
-            rec: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step, "loss": res.loss, "clients": len(res.grads)}
+            rec: dict[str, Any] = {
+                "epoch": self.epoch, "step": self.global_step, "loss": res.loss, "clients": len(res.grads),
+                "lr": self.schedule.server_lr(self.epoch),
+            }
             if self.schedule.sync_due(self.step_in_epoch, self.global_step):
                 t3 = T.now()
                 clients.flush()  # the backward now, so that the sync times only the sync

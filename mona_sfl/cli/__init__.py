@@ -1,4 +1,4 @@
-"""The command line: ``mona-sfl train | config | attack | comm | study | deploy-local | certs``.
+"""The command line: ``mona-sfl train | config | plot | compare | attack | comm | study | deploy-local | certs``.
 
 Every command takes its settings the same way: ``--config FILE|NAME`` (a file, or a bundled
 config name; default: the bundled ``default``) and ``--set key=value`` (repeatable). Library
@@ -27,6 +27,8 @@ EXIT_FAILED = 1
 COMMANDS = {
     "train": "mona_sfl.cli.train",
     "config": "mona_sfl.cli.config",
+    "plot": "mona_sfl.cli.plot",
+    "compare": "mona_sfl.cli.compare",
     "attack": "mona_sfl.cli.attack",
     "comm": "mona_sfl.cli.comm",
     "study": "mona_sfl.cli.study",

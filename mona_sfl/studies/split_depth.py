@@ -341,19 +341,13 @@ def _lines(ax, rows, key, methods, label_suffix="", **kw) -> None:  # noqa: ANN0
             ax.errorbar(cuts, mean, yerr=std if any(std) else None, label=f"{m}{label_suffix}", color=COLOURS[m], marker=MARKERS[m], capsize=3, **kw)
 
 
-def _save(fig, path: Path) -> None:  # noqa: ANN001
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    from mona_sfl.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from mona_sfl.plots import save_figure
 
     pdir = out / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
@@ -369,7 +363,7 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
         fig.tight_layout()
-        _save(fig, pdir / name)
+        save_figure(fig, pdir / name)
         plt.close(fig)
         paths.append(pdir / name)
 
@@ -448,7 +442,7 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
         ax.legend(fontsize=8)
     fig.suptitle("Accuracy - privacy - communication trade-off")
     fig.tight_layout()
-    _save(fig, pdir / "tradeoff.png")
+    save_figure(fig, pdir / "tradeoff.png")
     plt.close(fig)
     paths.append(pdir / "tradeoff.png")
 
@@ -479,7 +473,7 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
         axs[j // ncols][j % ncols].axis("off")
     fig.suptitle("Online vs momentum front misalignment at syncs (before averaging)")
     fig.tight_layout()
-    _save(fig, pdir / "misalignment.png")
+    save_figure(fig, pdir / "misalignment.png")
     plt.close(fig)
     paths.append(pdir / "misalignment.png")
     return paths
