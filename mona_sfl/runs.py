@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mona_sfl.checkpoint import CONFIG, METRICS, SUMMARY, read_metrics
-from mona_sfl.config import ConfigError, load_config, to_flat, toml_value
+from mona_sfl.checkpoint import METRICS, SUMMARY, load_run_config, read_metrics
+from mona_sfl.config import to_flat, toml_value
 from mona_sfl.errors import UserError
 
 
@@ -33,14 +33,7 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """The run in ``path``; a UserError when it is not a run folder."""
     p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"run folder not found: {p}")
-    if not (p / CONFIG).is_file():
-        raise UserError(f"{p} is not a run folder: it has no {CONFIG} (pass folders written by mona-sfl train)")
-    try:
-        config = to_flat(load_config(p / CONFIG))
-    except ConfigError as e:
-        raise UserError(f"{p / CONFIG} is not a valid config: {e}") from None
+    config = to_flat(load_run_config(p))
     summary = None
     if (p / SUMMARY).is_file():
         try:

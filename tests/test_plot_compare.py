@@ -90,6 +90,6 @@ def test_plot_and_compare_refuse_what_is_not_a_run_folder(tmp_path: Path, capsys
     (tmp_path / "empty").mkdir()
     for cmd in ("plot", "compare"):
         assert main([cmd, str(tmp_path / "nowhere")]) == 2
-        assert "run folder not found" in capsys.readouterr().err
+        assert "does not exist" in capsys.readouterr().err
         assert main([cmd, str(tmp_path / "empty")]) == 2
-        assert "is not a run folder" in capsys.readouterr().err
+        assert "not a mona_sfl run folder" in capsys.readouterr().err
