@@ -64,7 +64,7 @@ def train(
     run_dir = Path(out) if out is not None else default_run_dir(cfg)
     check_new_run_dir(run_dir)
     say = report or (lambda _line: None)
-    what = f"training {cfg.model.arch} width {cfg.model.width} cut {cfg.model.cut} ({cfg.method}), {cfg.fed.num_clients} clients, "
+    what = f"training {cfg.model.arch} width {cfg.model.width} cut {cfg.model.cut} ({cfg.method}), {cfg.fed.num_clients} clients, seed {cfg.seed}, "
     if cfg.runtime == "flower":
         from mona_sfl.runtime.flower.launch import train_with_flower
 
@@ -82,4 +82,36 @@ def train(
         return trainer.run()
 
 
-__all__ = ["make_config", "override_strings", "train"]
+def train_seeds(
+    config: str | Path | Config | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    out: str | Path | None = None,
+    *,
+    progress: bool = False,
+    report: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One run per seed, in ``out/seed<N>``, one after the other; their summaries in seed order.
+
+    The config's ``seed`` is replaced by each of ``seeds`` (so ``overrides`` may not set it).
+    Every run folder is checked before the first run starts. Summarise them with
+    :func:`mona_sfl.runs.mean_std`.
+    """
+    from mona_sfl.checkpoint import check_new_run_dir, default_run_dir
+
+    if not seeds:
+        raise ConfigError("give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds {list(seeds)} name a seed twice")
+    if any(o.partition("=")[0].strip() == "seed" for o in override_strings(overrides)):
+        raise ConfigError("the seeds replace the config key 'seed': do not set it as well")
+    cfg = make_config(config, overrides)
+    configs = [with_overrides(cfg, [f"seed={s}"]) for s in seeds]  # validates every seed first
+    base = Path(out) if out is not None else default_run_dir(cfg)
+    dirs = [base / f"seed{s}" for s in seeds]
+    for d in dirs:
+        check_new_run_dir(d)
+    return [train(c, out=d, progress=progress, report=report) for c, d in zip(configs, dirs)]
+
+
+__all__ = ["make_config", "override_strings", "train", "train_seeds"]

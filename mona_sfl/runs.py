@@ -7,6 +7,7 @@ This module imports neither torch nor matplotlib.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,32 @@ def table(heading: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(heading), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]) + "\n"
 
 
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (n - 1 in the denominator; NaN for one value) and n."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_std of no values")
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return mean, std, n
+
+
+#: Columns of the seeds table: (summary key, heading, digits).
+SEED_COLUMNS: list[tuple[str, str, int]] = [("knn_top1", "kNN top-1 %", 2), ("linear_top1", "linear top-1 %", 2), ("final_loss", "final loss", 4)]
+
+
+def seeds_table(seeds: list[int], summaries: list[dict[str, Any]], dirs: list[Path]) -> str:
+    """One row per seed, then the mean and the sample std over the seeds (with n)."""
+    columns = [c for c in SEED_COLUMNS if all(c[0] in s for s in summaries)]
+    heading = ["seed", *(h for _, h, _ in columns), "run folder"]
+    rows = [[str(seed), *(f"{s[k]:.{d}f}" for k, _, d in columns), str(p)] for seed, s, p in zip(seeds, summaries, dirs)]
+    stats = [mean_std([float(s[k]) for s in summaries]) for k, _, _ in columns]
+    n = len(summaries)
+    rows.append([f"mean (n={n})", *(f"{m:.{d}f}" for (m, _, _), (_, _, d) in zip(stats, columns)), ""])
+    rows.append([f"sample std (n={n})", *(f"{sd:.{d}f}" for (_, sd, _), (_, _, d) in zip(stats, columns)), ""])
+    return table(heading, rows)
+
+
 def _numeric(text: str) -> bool:
     try:
         float(text)
@@ -114,4 +141,7 @@ def _numeric(text: str) -> bool:
     return True
 
 
-__all__ = ["COLUMNS", "Run", "compare_rows", "differing_keys", "labels", "load_run", "load_runs", "show", "table"]
+__all__ = [
+    "COLUMNS", "SEED_COLUMNS", "Run", "compare_rows", "differing_keys", "labels", "load_run", "load_runs", "mean_std",
+    "seeds_table", "show", "table",
+]

@@ -17,6 +17,7 @@ def add_parser(sub: Any) -> None:
     add_settings(t)
     t.add_argument("--out", help="run folder (default: runs/<time>-<arch>-cut<N>-<method>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint (only --set train.max_steps=N may change)")
+    t.add_argument("--seeds", metavar="S1,S2,...", help="one run per seed, in OUT/seed<N>, then a table with the mean and sample std over the seeds")
     t.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -39,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from mona_sfl.interrupt import stop_on_signals
 
     with stop_on_signals():  # SIGINT/SIGTERM: checkpoint, then TrainingStopped
+        if args.seeds is not None:
+            return train_seeds(args)
         if args.resume:
             if args.config or args.out:
                 raise ConfigError("--resume takes the config and folder of the run: do not pass --config or --out with it")
@@ -63,6 +66,24 @@ def run(args: argparse.Namespace) -> int:
             run_dir = Path(args.out) if args.out else default_run_dir(cfg)
             summary = train(cfg, out=run_dir, progress=not args.quiet, report=lambda line: print(line, file=sys.stderr))
     print_summary(summary, run_dir)
+    return 0
+
+
+def train_seeds(args: argparse.Namespace) -> int:
+    """``--seeds``: the runs one after the other, then the per-seed table with mean and sample std."""
+    from mona_sfl import api
+    from mona_sfl.checkpoint import default_run_dir
+    from mona_sfl.runs import seeds_table
+    from mona_sfl.studies.split_depth import parse_ints
+
+    if args.resume:
+        raise ConfigError("--seeds starts new runs: resume each seed's folder with --resume OUT/seed<N> instead")
+    seeds = parse_ints(args.seeds, "seeds")
+    out = Path(args.out) if args.out else default_run_dir(api.make_config(args.config, args.overrides))
+    summaries = api.train_seeds(
+        args.config, args.overrides, seeds, out, progress=not args.quiet, report=lambda line: print(line, file=sys.stderr),
+    )
+    print(seeds_table(seeds, summaries, [out / f"seed{s}" for s in seeds]), end="")
     return 0
 
 
