@@ -27,7 +27,7 @@ def test_import_mona_sfl_imports_no_torch_and_exports_the_api() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "TORCH False" in r.stdout
-    for name in ("train", "load_config", "make_config", "Trainer", "run_study", "Config"):
+    for name in ("train", "train_seeds", "load_config", "make_config", "Trainer", "run_study", "Config"):
         assert name in r.stdout
         assert callable(getattr(mona_sfl, name))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,10 @@ def test_plot_and_compare_refuse_what_is_not_a_run_folder(tmp_path: Path, capsys
         assert "does not exist" in capsys.readouterr().err
         assert main([cmd, str(tmp_path / "empty")]) == 2
         assert "not a mona_sfl run folder" in capsys.readouterr().err
+
+
+def test_reading_and_plotting_runs_imports_no_torch() -> None:
+    code = "import sys, mona_sfl.runs, mona_sfl.plots, mona_sfl.cli.plot, mona_sfl.cli.compare; print('TORCH', 'torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "TORCH False" in r.stdout
