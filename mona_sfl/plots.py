@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mona_sfl.checkpoint import atomic_write_bytes
+from mona_sfl.errors import UserError
 from mona_sfl.runs import Run
 
 DPI = 200
@@ -93,6 +94,8 @@ def curve_figures(runs: list[Run], labels: list[str]) -> dict[str, Any]:
 
 def plot_runs(runs: list[Run], labels: list[str], out: Path) -> list[Path]:
     """The curves of ``runs`` in ``out`` (``loss``, ``knn``, ``lr``, ``misalignment`` .png and .pdf); the files written."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder: choose another --out")
     plt = _pyplot()
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []

@@ -97,6 +97,12 @@ def test_plot_and_compare_refuse_what_is_not_a_run_folder(tmp_path: Path, capsys
         assert "not a mona_sfl run folder" in capsys.readouterr().err
 
 
+def test_plot_refuses_an_out_that_is_a_file(two_runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("")
+    assert main(["plot", str(two_runs[0]), "--out", str(tmp_path / "file")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
 def test_reading_and_plotting_runs_imports_no_torch() -> None:
     code = "import sys, mona_sfl.runs, mona_sfl.plots, mona_sfl.cli.plot, mona_sfl.cli.compare; print('TORCH', 'torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
