@@ -6,6 +6,7 @@ misalignment over steps, runs overlaid and labelled by how their configs differ.
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,10 @@ def curve_figures(runs: list[Run], labels: list[str]) -> dict[str, Any]:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-        fig.tight_layout()
+        # below the axes, long labels wrapped: the plot keeps its width whatever the labels
+        handles, texts = ax.get_legend_handles_labels()
+        ax.legend(handles, [textwrap.fill(t, 90) for t in texts], loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                  fontsize="small", frameon=False)
         figures[name] = fig
     return figures
 

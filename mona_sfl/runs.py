@@ -63,11 +63,17 @@ def show(value: Any) -> str:
     return value if isinstance(value, str) else toml_value(value)
 
 
+#: A legend label names at most this many differing keys (``mona-sfl compare`` shows them all).
+LABEL_KEYS = 4
+
+
 def labels(runs: list[Run]) -> list[str]:
-    """One legend label per run: its values of the keys that differ (``model.cut=4``), or its
-    folder name where the configs are the same; the folder name is added where labels collide."""
+    """One legend label per run: its values of the keys that differ (``model.cut=4``; the first
+    :data:`LABEL_KEYS` of them), or its folder name where the configs are the same; the folder
+    name is added where labels collide."""
     keys = differing_keys(runs)
-    out = [", ".join(f"{k}={show(r.config[k])}" for k in keys) or r.name for r in runs]
+    more = f", +{len(keys) - LABEL_KEYS} more keys" if len(keys) > LABEL_KEYS else ""
+    out = [(", ".join(f"{k}={show(r.config[k])}" for k in keys[:LABEL_KEYS]) + more) if keys else r.name for r in runs]
     return [f"{lab} ({r.name})" if out.count(lab) > 1 and lab != r.name else lab for lab, r in zip(out, runs)]
 
 
@@ -142,6 +148,6 @@ def _numeric(text: str) -> bool:
 
 
 __all__ = [
-    "COLUMNS", "SEED_COLUMNS", "Run", "compare_rows", "differing_keys", "labels", "load_run", "load_runs", "mean_std",
+    "COLUMNS", "LABEL_KEYS", "SEED_COLUMNS", "Run", "compare_rows", "differing_keys", "labels", "load_run", "load_runs", "mean_std",
     "seeds_table", "show", "table",
 ]

@@ -108,3 +108,17 @@ def test_reading_and_plotting_runs_imports_no_torch() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "TORCH False" in r.stdout
+
+
+def test_labels_name_at_most_four_keys_and_the_folder_where_they_collide() -> None:
+    from mona_sfl.runs import Run
+
+    a = {f"k{i}": 0 for i in range(6)}
+    b = {**a, **{f"k{i}": 1 for i in range(5)}}
+    c = {**a, "k5": 1}  # differs from a only in a key the label leaves out
+    runs = [Run(Path("x/a"), a, None, []), Run(Path("x/b"), b, None, []), Run(Path("x/c"), c, None, [])]
+    assert labels(runs) == [
+        "k0=0, k1=0, k2=0, k3=0, +2 more keys (a)",
+        "k0=1, k1=1, k2=1, k3=1, +2 more keys",
+        "k0=0, k1=0, k2=0, k3=0, +2 more keys (c)",
+    ]
