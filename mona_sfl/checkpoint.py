@@ -176,8 +176,6 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
 
 def load_run_config(run_dir: Path) -> "Config":
     """The resolved config of a run folder; CheckpointError when the folder or its config is unusable."""
-    from mona_sfl.config import load_config
-
     run_dir = Path(run_dir)
     try:
         return _load_run_config(run_dir)

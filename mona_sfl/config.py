@@ -30,16 +30,27 @@ from mona_sfl.runtime import RUNTIMES
 #: ``device``: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
 DEVICES = Choices("device", ("auto", "cpu", "cuda"))
 
+#: ``log.backends``: where the metrics records go (``jsonl``, the run folder's metrics.jsonl, always).
+LOG_BACKENDS = Choices("log.backends", ("jsonl", "csv", "tensorboard", "wandb"))
+
+#: ``log.wandb_mode``: W&B offline (files in the run folder, ``wandb sync`` later) or online.
+WANDB_MODES = Choices("log.wandb_mode", ("offline", "online"))
+
 #: Every key with a fixed set of values, and where that set is defined.
 VOCABULARY: dict[str, Choices] = {
     c.key: c
-    for c in (RUNTIMES, DEVICES, BACKBONES, NORMS, SYMMETRIC, DATASETS, PARTITIONS, AGGREGATIONS, CLIENT_SCHEDULES, KNN_FEATURES)
+    for c in (WANDB_MODES, RUNTIMES, DEVICES, BACKBONES, NORMS, SYMMETRIC, DATASETS, PARTITIONS, AGGREGATIONS, CLIENT_SCHEDULES, KNN_FEATURES)
 }
 
 
-def key(default: Any, help: str) -> Any:  # noqa: A002 - the help text of a key
-    """A config field with its help text (the key reference is generated from it)."""
-    return field(default=default, metadata={"help": help})
+def key(default: Any, help: str, *, names: bool = False) -> Any:  # noqa: A002 - the help text of a key
+    """A config field with its help text (the key reference is generated from it).
+
+    ``names``: a str key holding comma-separated names; a file may give it as a list of
+    strings (``backends = ["jsonl", "csv"]``), stored joined so that every leaf stays a scalar
+    (Flower's run_config carries only scalars).
+    """
+    return field(default=default, metadata={"help": help, "names": names})
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,24 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    backends: str = key(
+        "jsonl",
+        "where the metrics records go, comma-separated or a list, of " + ", ".join(f"`{n}`" for n in LOG_BACKENDS)
+        + " (`jsonl`, the run folder's metrics.jsonl, always)",
+        names=True,
+    )
+    wandb_project: str = key("mona-sfl", "W&B project (log.backends with wandb)")
+    wandb_mode: str = key("offline", "W&B mode (offline: files under the run folder's wandb/, upload later with `wandb sync`)")
+
+    @property
+    def backend_names(self) -> list[str]:
+        """The backends, ``jsonl`` first and once."""
+        names = [n.strip() for n in self.backends.split(",") if n.strip()]
+        return ["jsonl", *dict.fromkeys(n for n in names if n != "jsonl")]
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: str = key("", "Ray cluster address (empty: RAY_ADDRESS, else a private local instance)")
     num_actors: int = key(0, "client actors (0 = one per CPU, at most one per client)")
@@ -147,6 +176,7 @@ class Config:
     fed: FedConfig = field(default_factory=FedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
 
@@ -279,6 +309,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         tp = types[key]
         if _is_section(tp):
             kwargs[key] = _build(tp, value, f"{full}.")
+        elif isinstance(value, list) and _names_key(cls, key):
+            if not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"config key '{full}' must be a list of names (strings), got {value!r}")
+            kwargs[key] = ",".join(value)
         else:
             kwargs[key] = _coerce(full, value, tp)
     return cls(**kwargs)
@@ -304,6 +338,11 @@ def _yaml_load(text: str) -> Any:
             return super().compose_node(parent, index)
 
     return yaml.load(text, Loader=NoAliasLoader) or {}  # noqa: S506 - a SafeLoader subclass
+
+
+def _names_key(cls: type, name: str) -> bool:
+    """Whether field ``name`` of section ``cls`` holds comma-separated names (see :func:`key`)."""
+    return any(f.name == name and f.metadata.get("names") for f in dataclasses.fields(cls))
 
 
 def _read_file(path: str | Path) -> dict[str, Any]:
@@ -658,6 +697,14 @@ def validate(cfg: Config) -> None:
     _check(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
     _check(e.batch_size <= MAX_BATCH, f"eval.batch_size={e.batch_size} exceeds the limit {MAX_BATCH}")
 
+    lg = cfg.log
+    given = [n.strip() for n in lg.backends.split(",")]
+    _check(all(given), f"log.backends={lg.backends!r} has an empty name: give names separated by commas, e.g. \"jsonl,csv\"")
+    for name in given:
+        LOG_BACKENDS.check(name)
+    _check(len(set(given)) == len(given), f"log.backends={lg.backends!r} names a backend twice")
+    _check(bool(lg.wandb_project.strip()), "log.wandb_project must not be empty")
+
     r = cfg.ray
     _check(r.num_actors >= 0, f"ray.num_actors must be >= 0, got {r.num_actors}")
     _check(r.cpus_per_actor >= 0, f"ray.cpus_per_actor must be >= 0, got {r.cpus_per_actor}")
@@ -683,6 +730,7 @@ __all__ = [
     "FedConfig",
     "TrainConfig",
     "EvalConfig",
+    "LogConfig",
     "RayConfig",
     "FlowerConfig",
     "load_config",

@@ -24,9 +24,7 @@ from mona_sfl.checkpoint import (
     CHECKPOINT_VERSION,
     CONFIG,
     CheckpointError,
-    METRICS,
     SUMMARY,
-    MetricsLog,
     atomic_write_text,
     damaged,
     prepare_resume,
@@ -38,6 +36,7 @@ from mona_sfl.core import AGGREGATIONS
 from mona_sfl.core.sync import StateDict, sync_fronts
 from mona_sfl.eval.monitor import Monitor
 from mona_sfl.interrupt import TrainingStopped, pause_point, rearm, set_active_run, stop_requested
+from mona_sfl.logs import RunLog, check_available
 from mona_sfl.runtime import RUNTIMES, AllClientsLost
 from mona_sfl.runtime.sharded import ShardedRuntime
 from mona_sfl.threads import threads
@@ -103,13 +102,15 @@ class Progress:
 
 
 class Trainer:
-    """One run, in one run folder. ``Trainer(cfg, out).run()`` or ``Trainer.resume(out).run()``.
+    """One run, in one run folder. ``Trainer(cfg, out).run()`` or ``Trainer.resume(out).run()``;
+    as a context manager (``with Trainer(cfg, out) as t: t.run()``) it closes its runtime on exit.
 
     ``runtime``: where the clients run; by default the runtime named by ``cfg.runtime``. Pass
     an instance, or a function of the config (a Flower ServerApp passes one over its Grid).
     """
 
     def __init__(self, cfg: Config, run_dir: str | Path, *, progress: bool = True, runtime: RuntimeArg = None) -> None:
+        check_available(cfg)  # a missing logging package, before loading anything
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress_enabled = progress
@@ -142,7 +143,7 @@ class Trainer:
         self.last_knn: float | None = None
         self.last_loss = float("nan")
         self.syncs = 0
-        self._metrics: MetricsLog | None = None
+        self._metrics: RunLog | None = None  # metrics.jsonl and the log.backends
         self._t_run_start = time.perf_counter()
         self._last_save = time.monotonic()  # for train.checkpoint_minutes
         self._running_since: float | None = None  # perf_counter at run() start (train_time of checkpoints taken meanwhile)
@@ -154,11 +155,17 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not resumed:
             atomic_write_text(self.run_dir / CONFIG, dumps_toml(self.cfg))
-        self._metrics = MetricsLog(self.run_dir / METRICS)
+        self._metrics = RunLog(self.cfg, self.run_dir)
 
     def _log(self, record: dict[str, Any]) -> None:
         if self._metrics is not None:
             self._metrics.write(record)
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.runtime.close()  # Ray: the actors and the private Ray instance
 
     @property
     def total_steps(self) -> int:
@@ -319,7 +326,10 @@ class Trainer:
             T.server += t2 - t1
             self.images += sum(g.shape[0] for g in res.grads.values()) * cfg.train.batch_size // cfg.rows_per_client
             self.last_loss = res.loss
-            rec: dict[str, Any] = {"epoch": self.epoch, "step": self.global_step, "loss": res.loss, "clients": len(res.grads)}
+            rec: dict[str, Any] = {
+                "epoch": self.epoch, "step": self.global_step, "loss": res.loss, "clients": len(res.grads),
+                "lr": self.schedule.server_lr(self.epoch),
+            }
             if self.schedule.sync_due(self.step_in_epoch, self.global_step):
                 t3 = T.now()
                 clients.flush()  # the backward now, so that the sync times only the sync

@@ -1,4 +1,4 @@
-"""The command line: ``mona-sfl train | attack | comm | study | deploy-local | flwr-run | certs``.
+"""The command line: ``mona-sfl train | config | plot | compare | attack | comm | study | deploy-local | flwr-run | certs``.
 
 Every command takes its settings the same way: ``--config FILE|NAME`` (a file, or a bundled
 config name; default: the bundled ``default``) and ``--set key=value`` (repeatable). Library
@@ -27,6 +27,9 @@ EXIT_FAILED = 1
 #: Subcommand -> module with ``add_parser(subparsers)`` and ``run(args) -> int``.
 COMMANDS = {
     "train": "mona_sfl.cli.train",
+    "config": "mona_sfl.cli.config",
+    "plot": "mona_sfl.cli.plot",
+    "compare": "mona_sfl.cli.compare",
     "attack": "mona_sfl.cli.attack",
     "comm": "mona_sfl.cli.comm",
     "study": "mona_sfl.cli.study",
@@ -46,12 +49,21 @@ def add_settings(p: argparse.ArgumentParser, *, what: str = "the run") -> None:
     )
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help=f"override a config key of {what}, e.g. --set model.cut=4 (repeatable; keys: README 'Config keys')",
+        help=f"override a config key of {what}, e.g. --set model.cut=4 (repeatable; every key: mona-sfl config keys)",
     )
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mona-sfl", description="Split federated self-supervised learning (MonAcoSFL / MocoSFL).")
+    from mona_sfl.config import bundled_names
+
+    p = argparse.ArgumentParser(
+        prog="mona-sfl",
+        description="Split federated self-supervised learning (MonAcoSFL / MocoSFL).",
+        epilog=f"bundled configs (--config NAME): {', '.join(bundled_names())}. "
+        "Config keys: 'mona-sfl config keys' (also the README's 'Keys' section); "
+        "the resolved config: 'mona-sfl config show [--config X] [--set k=v ...]'. "
+        "Help on one command: mona-sfl COMMAND --help.",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS.values():
         importlib.import_module(module).add_parser(sub)

@@ -17,6 +17,7 @@ def add_parser(sub: Any) -> None:
     add_settings(t)
     t.add_argument("--out", help="run folder (default: runs/<time>-<arch>-cut<N>-<method>)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint (only --set train.max_steps=N may change)")
+    t.add_argument("--seeds", metavar="S1,S2,...", help="one run per seed, in OUT/seed<N>, then a table with the mean and sample std over the seeds")
     t.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -34,19 +35,13 @@ def resume_max_steps(overrides: list[str]) -> int | None:
     return max_steps
 
 
-def _train(trainer: Any, resumed: bool) -> dict[str, Any]:
-    try:
-        return trainer.run(resumed=resumed)
-    finally:
-        trainer.runtime.close()  # Ray: stop the actors and the private Ray instance
-
-
 def run(args: argparse.Namespace) -> int:
-    from mona_sfl.checkpoint import check_new_run_dir, check_resumable, default_run_dir, lock_run_dir
-    from mona_sfl.config import load_config, resolve_config_path
+    from mona_sfl.checkpoint import check_resumable, default_run_dir, lock_run_dir
     from mona_sfl.interrupt import stop_on_signals
 
     with stop_on_signals():  # SIGINT/SIGTERM: checkpoint, then TrainingStopped
+        if args.seeds is not None:
+            return train_seeds(args)
         if args.resume:
             if args.config or args.out:
                 raise ConfigError("--resume takes the config and folder of the run: do not pass --config or --out with it")
@@ -56,12 +51,11 @@ def run(args: argparse.Namespace) -> int:
             with lock_run_dir(run_dir, "--resume"):  # one writer per folder; nothing changed before it is held
                 summary = _resume(run_dir, check_resumable(run_dir, max_steps), max_steps, quiet=args.quiet)
         else:
-            cfg = load_config(resolve_config_path(args.config), args.overrides)
+            from mona_sfl.api import make_config, train
+
+            cfg = make_config(args.config, args.overrides)
             run_dir = Path(args.out) if args.out else default_run_dir(cfg)
-            check_new_run_dir(run_dir)
-            with lock_run_dir(run_dir, "training"):
-                check_new_run_dir(run_dir)  # again under the lock: a run started at the same moment has it now
-                summary = _new_run(cfg, run_dir, quiet=args.quiet)
+            summary = train(cfg, out=run_dir, progress=not args.quiet, report=lambda line: print(line, file=sys.stderr))
     print_summary(summary, run_dir)
     return 0
 
@@ -74,28 +68,27 @@ def _resume(run_dir: Path, cfg: Any, max_steps: int | None, *, quiet: bool) -> d
         return resume_with_flower(run_dir, progress=not quiet, max_steps=max_steps)
     from mona_sfl.engine import Trainer
 
-    trainer = Trainer.resume(run_dir, progress=not quiet, max_steps=max_steps)
-    print(f"resuming {run_dir} at step {trainer.global_step} (epoch {trainer.epoch})", file=sys.stderr)
-    return _train(trainer, resumed=True)
+    with Trainer.resume(run_dir, progress=not quiet, max_steps=max_steps) as trainer:
+        print(f"resuming {run_dir} at step {trainer.global_step} (epoch {trainer.epoch})", file=sys.stderr)
+        return trainer.run(resumed=True)
 
 
-def _new_run(cfg: Any, run_dir: Path, *, quiet: bool) -> dict[str, Any]:
-    what = f"training {cfg.model.arch} width {cfg.model.width} cut {cfg.model.cut} ({cfg.method}), {cfg.fed.num_clients} clients, "
-    if cfg.runtime == "flower":
-        from mona_sfl.runtime.flower.launch import train_with_flower
+def train_seeds(args: argparse.Namespace) -> int:
+    """``--seeds``: the runs one after the other, then the per-seed table with mean and sample std."""
+    from mona_sfl import api
+    from mona_sfl.checkpoint import default_run_dir
+    from mona_sfl.runs import seeds_table
+    from mona_sfl.studies.split_depth import parse_ints
 
-        if cfg.data.name != "imagefolder":  # fail in seconds, not after starting Flower (decoding folders twice costs more)
-            from mona_sfl import build
-
-            train = build.load_data(cfg, "train")
-            build.client_partition(cfg, train.labels, len(train.classes))
-        print(f"{what}runtime flower (simulation engine, {cfg.num_nodes} SuperNodes), data {cfg.data.name}", file=sys.stderr)
-        return train_with_flower(cfg, run_dir, progress=not quiet)
-    from mona_sfl.engine import Trainer
-
-    trainer = Trainer(cfg, run_dir, progress=not quiet)
-    print(f"{what}{trainer.total_steps} steps, runtime {cfg.runtime}, device {trainer.device}, data {cfg.data.name}", file=sys.stderr)
-    return _train(trainer, resumed=False)
+    if args.resume:
+        raise ConfigError("--seeds starts new runs: resume each seed's folder with --resume OUT/seed<N> instead")
+    seeds = parse_ints(args.seeds, "seeds")
+    out = Path(args.out) if args.out else default_run_dir(api.make_config(args.config, args.overrides))
+    summaries = api.train_seeds(
+        args.config, args.overrides, seeds, out, progress=not args.quiet, report=lambda line: print(line, file=sys.stderr),
+    )
+    print(seeds_table(seeds, summaries, [out / f"seed{s}" for s in seeds]), end="")
+    return 0
 
 
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:

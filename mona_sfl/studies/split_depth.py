@@ -200,10 +200,8 @@ def train_run(cfg: Config, run_dir: Path, *, progress: bool, report: Callable[[s
             (run_dir / name).unlink(missing_ok=True)
         trainer = Trainer(cfg, run_dir, progress=progress)
         resumed = False
-    try:
+    with trainer:
         return trainer.run(resumed=resumed)
-    finally:
-        trainer.runtime.close()
 
 
 def misalignment(run_dir: Path) -> list[dict[str, float]]:
@@ -397,16 +395,6 @@ def _lines(ax, rows, key, methods, label_suffix="", **kw) -> None:  # noqa: ANN0
                         color=COLOURS[m], marker=MARKERS[m], capsize=3, **kw)
 
 
-def _save(fig, path: Path) -> None:  # noqa: ANN001
-    """``path`` (PNG, 200 dpi) and the same figure as PDF beside it."""
-    from mona_sfl.checkpoint import atomic_write_bytes
-
-    for fmt, target in (("png", path), ("pdf", path.with_suffix(".pdf"))):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, dpi=200, bbox_inches="tight")
-        atomic_write_bytes(target, buf.getvalue())
-
-
 SEED_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 
@@ -416,6 +404,8 @@ def plot_curves(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from mona_sfl.plots import save_figure
 
     pdir = out / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
@@ -448,7 +438,7 @@ def plot_curves(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
             ax.legend(fontsize=7)
         fig.suptitle(f"Learning curves at cut {c}")
         fig.tight_layout()
-        _save(fig, pdir / f"curves_cut{c}.png")
+        save_figure(fig, pdir / f"curves_cut{c}.png")
         plt.close(fig)
         paths.append(pdir / f"curves_cut{c}.png")
     return paths
@@ -459,6 +449,8 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from mona_sfl.plots import save_figure
 
     pdir = out / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
@@ -474,7 +466,7 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
         fig.tight_layout()
-        _save(fig, pdir / name)
+        save_figure(fig, pdir / name)
         plt.close(fig)
         paths.append(pdir / name)
 
@@ -559,7 +551,7 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
         ax.legend(fontsize=8)
     fig.suptitle("Accuracy - privacy - communication trade-off")
     fig.tight_layout()
-    _save(fig, pdir / "tradeoff.png")
+    save_figure(fig, pdir / "tradeoff.png")
     plt.close(fig)
     paths.append(pdir / "tradeoff.png")
 
@@ -590,7 +582,7 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
         axs[j // ncols][j % ncols].axis("off")
     fig.suptitle("Online vs momentum front misalignment at syncs (before averaging)")
     fig.tight_layout()
-    _save(fig, pdir / "misalignment.png")
+    save_figure(fig, pdir / "misalignment.png")
     plt.close(fig)
     paths.append(pdir / "misalignment.png")
     return paths + plot_curves(out, rows)
