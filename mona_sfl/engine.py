@@ -34,7 +34,7 @@ from mona_sfl.checkpoint import (
 )
 from mona_sfl.config import Config, dumps_toml, to_flat
 from mona_sfl.core import AGGREGATIONS
-from mona_sfl.core.sync import StateDict, sync_fronts
+from mona_sfl.core.sync import GlobalFronts, StateDict, sync_fronts
 from mona_sfl.eval.monitor import Monitor
 from mona_sfl.interrupt import TrainingStopped, pause_point, rearm, set_active_run, stop_requested
 from mona_sfl.runtime import RUNTIMES, AllClientsLost
@@ -124,8 +124,10 @@ class Trainer:
         self.server = build.build_server(cfg, self.device)
         front, _ = build.build_models(cfg)
         self.global_online: StateDict = {k: v.detach().clone() for k, v in front.state_dict().items()}
+        # the momentum fronts' last global (MonAcoSFL): the base AXIS merges momentum deltas from
+        self.global_momentum: StateDict = {k: v.detach().clone() for k, v in front.state_dict().items()}
         self.monitor = Monitor(cfg, self.train_data, self.test_data, front, self.device)
-        self.aggregate = AGGREGATIONS.get(cfg.fed.aggregation)
+        self.aggregate = AGGREGATIONS.get(cfg.fed.aggregation)(cfg.fed)
         if runtime is None:  # the config's runtime; in-process hosts reuse the data loaded here
             runtime = RUNTIMES.get(cfg.runtime)(cfg, train=self.train_data, parts=self.parts, device=self.device)
         elif not isinstance(runtime, ShardedRuntime):
@@ -179,6 +181,7 @@ class Trainer:
             "server": self.server.state_dict(),
             "clients": self.runtime.state_dict(),
             "global_online": self.global_online,
+            "global_momentum": self.global_momentum,
             "bytes": dict(self.runtime.bytes),
             "torch_rng": torch.get_rng_state(),
             # complete metrics.jsonl records that belong to this state (resume drops the rest)
@@ -197,6 +200,8 @@ class Trainer:
         self.server.load_state_dict(state["server"])
         self.runtime.load_state_dict(state["clients"])
         self.global_online = {k: v.to(self.device) for k, v in state["global_online"].items()}
+        # checkpoints written before the momentum base was kept: only AXIS reads it
+        self.global_momentum = {k: v.to(self.device) for k, v in state.get("global_momentum", state["global_online"]).items()}
         self.runtime.bytes.update({k: int(v) for k, v in state["bytes"].items()})
         torch.set_rng_state(state["torch_rng"])
 
@@ -235,15 +240,27 @@ class Trainer:
             return self.monitor.linear(self.global_online, self.server.online)
 
     # ------------------------------------------------------------------ sync
-    def sync(self, pool: list[int]) -> dict[str, float]:
-        """The sampled clients' fronts merged (MonAcoSFL: momentum fronts aligned too) and loaded into every client."""
+    def sync(self, pool: list[int]) -> dict[str, Any]:
+        """The sampled clients' fronts merged (MonAcoSFL: momentum fronts aligned too) and loaded
+        into every client; returns the step record's sync entries (divergence metrics, and what
+        the aggregation reports: e.g. AXIS's kept energy, with its per-layer detail)."""
         fronts = self.runtime.fronts(pool)
         pause_point("sync", self.global_step)
-        result = sync_fronts([fronts[c] for c in pool if c in fronts], align=self.cfg.algo.align_momentum, aggregate=self.aggregate)
+        result = sync_fronts(
+            [fronts[c] for c in pool if c in fronts],
+            align=self.cfg.algo.align_momentum,
+            aggregate=self.aggregate,
+            base=GlobalFronts(self.global_online, self.global_momentum),
+        )
         self.runtime.load(result.fronts)
         self.global_online = result.fronts.online
+        if result.fronts.momentum is not None:
+            self.global_momentum = result.fronts.momentum
         self.syncs += 1
-        return result.stats
+        record: dict[str, Any] = dict(result.stats)
+        for name, layers in result.layers.items():
+            record[f"layers_{name}"] = layers
+        return record
 
     # ------------------------------------------------------------------ main loop
     def _alive(self, pool: list[int]) -> list[int]:
