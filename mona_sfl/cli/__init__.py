@@ -1,4 +1,4 @@
-"""The command line: ``mona-sfl train | attack | comm | study | deploy-local | certs``.
+"""The command line: ``mona-sfl train | attack | comm | study | deploy-local | certs | transfer``.
 
 Every command takes its settings the same way: ``--config FILE|NAME`` (a file, or a bundled
 config name; default: the bundled ``default``) and ``--set key=value`` (repeatable). Library
@@ -31,6 +31,7 @@ COMMANDS = {
     "study": "mona_sfl.cli.study",
     "deploy-local": "mona_sfl.cli.deploy",
     "certs": "mona_sfl.cli.certs",
+    "transfer": "mona_sfl.cli.transfer",
 }
 
 
