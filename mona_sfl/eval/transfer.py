@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,7 +217,7 @@ def new_head(dim: int, classes: int, seed: int, device: torch.device) -> nn.Line
 
 
 def adapt(
-    make_backbone: Any,
+    make_backbone: Callable[[], nn.Module],
     method: str,
     train: "ImageData",
     test: "ImageData",
@@ -276,8 +277,8 @@ def target_config(cfg: "Config", overrides: list[str]) -> "Config":
     return with_overrides(cfg, overrides)
 
 
-def run_backbone(run_dir: Path, cfg: "Config") -> Any:
-    """A function building a fresh copy of the run's trained backbone (front + server body)."""
+def run_backbone(run_dir: Path, cfg: "Config") -> tuple[Callable[[], Backbone], int]:
+    """A function building a fresh copy of the run's trained backbone (front + server body), and the checkpoint's step."""
     from mona_sfl import build
 
     ckpt = load_checkpoint(run_dir)
