@@ -92,3 +92,12 @@ def test_personalisation_report_and_exact_resume(tmp_path: Path, monkeypatch: py
     a, b = load_checkpoint(full), load_checkpoint(part)
     assert_same(a["interventions"], b["interventions"], "interventions")
     assert_same(a["premerge"], b["premerge"], "premerge")
+
+
+def test_train_prints_the_personalised_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mona_sfl.cli.train import print_summary
+
+    summary = {"num_classes": 10, "knn_top1": 12.5, "steps": 6, "images_per_s": 1.0, "wall_s": 2.0,
+               "personal": [{"client": 3, "knn_merged": 10.0, "knn_intervened": 12.5, "knn_own": 20.0, "extra_params": 129, "front_params": 1416}]}
+    print_summary(summary, tmp_path)
+    assert "client 3: 10.00% / 12.50% / 20.00%; +129 parameters on a 1,416-parameter front" in capsys.readouterr().out
