@@ -49,6 +49,7 @@ def load_data(cfg: Config, split: str) -> ImageData:
         synthetic_size=d.synthetic_size,
         num_classes=d.num_classes,
         image_size=d.image_size,
+        max_image_pixels=d.max_image_pixels,
     )
     if split == "train" and d.proportion < 1.0:
         rng = np.random.default_rng([cfg.seed, 0xDA7A])

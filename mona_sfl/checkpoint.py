@@ -4,10 +4,12 @@ and the checks that decide whether a folder can take a new run or be resumed."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -57,13 +59,28 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None], before_replace:
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        cause = os_cause(e)
+        if cause is not None and (cause is not e or not e.filename):  # e.g. torch.save's RuntimeError over ENOSPC
+            raise OSError(cause.errno, cause.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)
+
+
+def os_cause(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (itself, or one it was raised while handling), or None."""
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 10:
+        if isinstance(cur, OSError) and cur.errno is not None:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -132,13 +149,23 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     for name in (CHECKPOINT, PREVIOUS):
         p = run_dir / name
         if not p.exists():
+            if name == CHECKPOINT and (run_dir / PREVIOUS).exists():
+                errors.append(f"{name}: missing")
             continue
         try:
             import torch
 
-            return torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # corrupt or truncated file
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # corrupt, truncated or unreadable file
             errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        if errors:  # the newest checkpoint is lost: say so, and from where the run goes on
+            step = state.get("global_step") if isinstance(state, dict) else None
+            logging.getLogger("mona_sfl").warning(
+                "%s is unusable (%s): falling back to %s (step %s); the steps after it are trained again",
+                run_dir / CHECKPOINT, errors[0].partition(": ")[2], name, step,
+            )
+        return state
     if errors:
         raise CheckpointError(f"no readable checkpoint in {run_dir} ({'; '.join(errors)}): start a new run")
     raise CheckpointError(
@@ -152,6 +179,15 @@ def load_run_config(run_dir: Path) -> "Config":
     from mona_sfl.config import load_config
 
     run_dir = Path(run_dir)
+    try:
+        return _load_run_config(run_dir)
+    except OSError as e:  # no search permission, a name too long, ...
+        raise CheckpointError(f"cannot read run folder {run_dir}: {os_error_text(e)}") from None
+
+
+def _load_run_config(run_dir: Path) -> "Config":
+    from mona_sfl.config import load_config
+
     if not run_dir.is_dir():
         raise CheckpointError(f"run folder {run_dir} does not exist")
     if not (run_dir / CONFIG).is_file():
@@ -186,19 +222,28 @@ class MetricsLog:
             self._f.flush()
             pause_point("metrics_write", int(record["step"]))
             line = line[half:]
-        self._f.write(line)
-        self._f.flush()
+        try:
+            self._f.write(line)
+            self._f.flush()
+        except OSError as e:  # no space: name the file (the torn line is dropped on resume)
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
         self.count += 1
 
     def sync(self) -> None:
         """Flush and fsync: the records a checkpoint counts are on disk before it is."""
         if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            try:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(self.path)) from None
 
     def close(self) -> None:
         if not self._f.closed:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass  # a write that failed already raised; what it left is dropped on resume
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -210,7 +255,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # torn, garbled, a number of 5000 digits, nesting 100000 deep
             continue
         if isinstance(rec, dict):
             out.append(rec)
@@ -241,6 +286,13 @@ def default_run_dir(cfg: "Config", suffix: str = "") -> Path:
 
 def check_new_run_dir(out: Path) -> None:
     """Refuse an --out that cannot take a new run, before anything is written anywhere."""
+    try:
+        _check_new_run_dir(Path(out))
+    except OSError as e:  # a name too long, a folder on the way without search permission, ...
+        raise ConfigError(f"--out {out} cannot be used: {os_error_text(e)}; choose another --out") from None
+
+
+def _check_new_run_dir(out: Path) -> None:
     if out.is_symlink() and not out.exists():
         raise ConfigError(f"--out {out} is a broken symbolic link: remove it or choose another --out")
     if out.exists() and not out.is_dir():
@@ -256,8 +308,91 @@ def check_new_run_dir(out: Path) -> None:
         raise ConfigError(f"--out {out} cannot be created: no permission to write in {base}; choose another --out")
 
 
+def os_error_text(e: OSError) -> str:
+    """One line for an OSError: its cause and the path it concerns."""
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or e}{where}"
+
+
+def _lock_holders(st: os.stat_result) -> list[int]:
+    """Pids holding an flock on the file ``st`` describes (Linux ``/proc/locks``; empty elsewhere)."""
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    pids = []
+    for line in lines:
+        f = line.split()
+        if len(f) >= 6 and f[1] == "FLOCK" and f[-3] == dev and f[-4].isdigit():
+            pids.append(int(f[-4]))
+    return pids
+
+
+@contextmanager
+def lock_run_dir(run_dir: Path, what: str = "the run") -> Iterator[Path]:
+    """Hold an exclusive lock on the folder ``run_dir`` (created if missing) while ``what`` writes it.
+
+    The lock is an ``flock`` on the folder itself, so it leaves no file behind: the kernel
+    releases it when the holder ends in any way (even SIGKILL), so there are no stale locks. A
+    second writer gets a CheckpointError naming the holder's pid, before it changes anything.
+    The folder must be writable (checked with a temporary file, removed at once): a read-only
+    folder is refused here, before any work. A folder this call created is removed again if
+    ``what`` fails before writing anything into it.
+    """
+    import fcntl
+
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise CheckpointError(f"cannot use run folder {run_dir}: {os_error_text(e)}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holders = [p for p in _lock_holders(os.fstat(fd)) if p != os.getpid()] or _lock_holders(os.fstat(fd))
+            who = f"pid {', '.join(map(str, holders))}" if holders else "pid unknown"
+            raise CheckpointError(
+                f"run folder {run_dir} is in use by another mona-sfl process ({who}): wait until it ends "
+                f"(or stop it), or choose another folder"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(run_dir))
+        except OSError:
+            same = False
+        if not same:
+            raise CheckpointError(f"run folder {run_dir} was removed or replaced while it was being locked: try again")
+        try:
+            probe_fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".write-test.", suffix=".tmp")
+            os.close(probe_fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise CheckpointError(f"cannot write in run folder {run_dir} ({e.strerror or e}): {what} needs a writable folder") from None
+        try:
+            yield run_dir
+        except BaseException:
+            if created:
+                try:
+                    os.rmdir(run_dir)  # only if still empty: nothing of a run is lost
+                except OSError:
+                    pass
+            raise
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def check_resumable(run_dir: Path, max_steps: int | None) -> "Config":
     """The run's config, unless the folder is no run or the run has finished (nothing would be trained)."""
+    try:
+        return _check_resumable(Path(run_dir), max_steps)
+    except OSError as e:  # a name too long, a folder without search permission, ...
+        raise CheckpointError(f"--resume {run_dir} cannot be used: {os_error_text(e)}") from None
+
+
+def _check_resumable(run_dir: Path, max_steps: int | None) -> "Config":
     from mona_sfl.config import with_overrides
 
     if run_dir.exists() and not run_dir.is_dir():
@@ -271,8 +406,13 @@ def check_resumable(run_dir: Path, max_steps: int | None) -> "Config":
     try:
         done = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
         steps, epochs = int(done["steps"]), int(done["epochs"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return cfg  # no (readable) summary: the run has not finished
+    except FileNotFoundError:
+        return cfg  # no summary: the run has not finished
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
+        raise CheckpointError(
+            f"{run_dir / SUMMARY} is damaged ({type(e).__name__}), so whether the run has finished is unknown: delete it "
+            f"to continue the run from its checkpoint, or restore it"
+        ) from None
     limit = cfg.train.max_steps if max_steps is None else max_steps
     if epochs >= cfg.train.epochs:
         raise CheckpointError(
@@ -312,7 +452,9 @@ def resume_state(run_dir: Path, max_steps: int | None = None) -> tuple["Config",
             f"checkpoint in {run_dir} has version {state.get('version')!r}, expected {CHECKPOINT_VERSION} "
             f"(written by another version of mona_sfl): resume it with that version or start a new run"
         )
-    diff = config_diff(state.get("config", {}), cfg)
+    # train.max_steps may change on resume: config.toml holds the newest value even when the resume
+    # that wrote it stopped before its first checkpoint (a full disk, a kill)
+    diff = [k for k in config_diff(state.get("config", {}), cfg) if k != "train.max_steps"]
     if diff:
         raise CheckpointError(f"{run_dir / CONFIG} does not match the checkpoint (differs in: {', '.join(diff[:8])}): restore the original config")
     keep = state.get("metrics_records")

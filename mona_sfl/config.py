@@ -75,6 +75,7 @@ class DataConfig:
     synthetic_size: int = key(5000, "synthetic training images (test: size // 5)")
     num_classes: int = key(10, "synthetic classes")
     image_size: int = key(32, "image side in pixels")
+    max_image_pixels: int = key(89_478_485, "imagefolder: most pixels (width x height) one image file may hold (decompression-bomb limit)")
     blur: bool = key(True, "Gaussian blur in the MoCo v2 augmentation")
     crop_min: float = key(0.08, "smallest RandomResizedCrop area share (0.08 = torchvision / reference)")
     test_size: int = key(0, "evaluate on N test images, a fixed class-stratified draw (0 = all)")
@@ -288,6 +289,28 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+#: Largest config file read (bytes).
+MAX_CONFIG_BYTES = 1_000_000
+
+
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` without aliases: a config never needs them, and an alias bomb (aliases of
+    aliases) of a few hundred bytes would expand to gigabytes when the config is copied."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise ConfigError(
+                    f"YAML aliases (*{event.anchor}) are not accepted in a config (line {event.start_mark.line + 1}): "
+                    f"write the values out"
+                )
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliasLoader) or {}  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
@@ -295,6 +318,8 @@ def _read_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES} bytes: a config is a short table of keys")
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {p}: {e}") from None
@@ -303,9 +328,7 @@ def _read_file(path: str | Path) -> dict[str, Any]:
         if suffix == ".toml":
             data = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+            data = _yaml_load(text)
         else:
             raise ConfigError(f"config file {p}: unknown format '{suffix}' (use .toml, .yaml or .yml)")
     except ConfigError:
@@ -493,6 +516,20 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
 # --------------------------------------------------------------------------- validation
 
 
+#: Resource bounds (validate): what a run may ask for before anything is allocated.
+MAX_K = 2**24
+MAX_DIM = 65536
+MAX_QUEUE_ENTRIES = 2**28
+MAX_SYNTHETIC_SIZE = 10_000_000
+MAX_SYNTHETIC_BYTES = 2**33
+MAX_CLIENTS = 100_000
+MAX_EPOCHS = 10_000
+MAX_CLIENT_EPOCHS = 10**7
+MAX_STEPS_PER_EPOCH = 10_000_000
+MAX_BATCH = 65536
+MAX_WEIGHT_DECAY = 1.0
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -544,6 +581,14 @@ def validate(cfg: Config) -> None:
     _check(a.K >= 1, f"algo.K (queue length) must be positive, got {a.K}")
     _check(a.dim >= 1, f"algo.dim must be positive, got {a.dim}")
     _check(a.hidden_dim >= 1, f"algo.hidden_dim must be positive, got {a.hidden_dim}")
+    # resource bounds, checked before anything is allocated (each message names the key and the limit)
+    _check(a.K <= MAX_K, f"algo.K={a.K} exceeds the limit {MAX_K} (queue length)")
+    _check(a.dim <= MAX_DIM, f"algo.dim={a.dim} exceeds the limit {MAX_DIM}")
+    _check(a.hidden_dim <= MAX_DIM, f"algo.hidden_dim={a.hidden_dim} exceeds the limit {MAX_DIM}")
+    _check(
+        a.K * a.dim <= MAX_QUEUE_ENTRIES,
+        f"algo.K x algo.dim = {a.K * a.dim} queue entries exceeds the limit {MAX_QUEUE_ENTRIES} (1 GiB of float32): lower algo.K or algo.dim",
+    )
     _check(a.T > 0, f"algo.T (temperature) must be > 0, got {a.T}")
     _check(0 <= a.m <= 1, f"algo.m (client momentum) must be in [0, 1], got {a.m}")
     _check(0 <= a.server_m <= 1, f"algo.server_m must be in [0, 1], got {a.server_m}")
@@ -554,6 +599,16 @@ def validate(cfg: Config) -> None:
     _check(0 < d.proportion <= 1, f"data.proportion must be in (0, 1], got {d.proportion}")
     _check(d.synthetic_size >= MIN_SYNTHETIC_SIZE, f"data.synthetic_size must be at least {MIN_SYNTHETIC_SIZE}, got {d.synthetic_size}")
     _check(2 <= d.num_classes <= 1000, f"data.num_classes must be in 2..1000, got {d.num_classes}")
+    _check(
+        d.synthetic_size <= MAX_SYNTHETIC_SIZE,
+        f"data.synthetic_size={d.synthetic_size} exceeds the limit {MAX_SYNTHETIC_SIZE}",
+    )
+    _check(
+        d.name != "synthetic" or d.synthetic_size * 3 * d.image_size**2 <= MAX_SYNTHETIC_BYTES,
+        f"data.synthetic_size x 3 x data.image_size^2 = {d.synthetic_size * 3 * d.image_size**2} bytes exceeds the limit "
+        f"{MAX_SYNTHETIC_BYTES} (8 GiB of uint8 images): lower data.synthetic_size or data.image_size",
+    )
+    _check(d.max_image_pixels >= 1, f"data.max_image_pixels must be >= 1, got {d.max_image_pixels}")
     _check(8 <= d.image_size <= 512, f"data.image_size must be in 8..512, got {d.image_size}")
     _check(0 < d.crop_min <= 1, f"data.crop_min must be in (0, 1] (the smallest crop's share of the image area), got {d.crop_min}")
     _check(d.test_size >= 0, f"data.test_size must be >= 0, got {d.test_size}")
@@ -571,6 +626,7 @@ def validate(cfg: Config) -> None:
 
     f = cfg.fed
     _check(f.num_clients >= 1, f"fed.num_clients must be >= 1, got {f.num_clients}")
+    _check(f.num_clients <= MAX_CLIENTS, f"fed.num_clients={f.num_clients} exceeds the limit {MAX_CLIENTS}")
     _check(0 < f.sample_ratio <= 1, f"fed.sample_ratio must be in (0, 1], got {f.sample_ratio}")
     _check(int(f.sample_ratio * f.num_clients) >= 1, f"fed.sample_ratio={f.sample_ratio} with fed.num_clients={f.num_clients} samples zero clients per epoch: use a ratio of at least {1 / f.num_clients:.4g}")
     _check(f.sync_every >= 0, f"fed.sync_every must be >= 0 (0 = only at epoch end), got {f.sync_every}")
@@ -581,13 +637,21 @@ def validate(cfg: Config) -> None:
 
     t = cfg.train
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    _check(t.epochs <= MAX_EPOCHS, f"train.epochs={t.epochs} exceeds the limit {MAX_EPOCHS}")
+    _check(
+        t.epochs * f.num_clients <= MAX_CLIENT_EPOCHS,
+        f"train.epochs x fed.num_clients = {t.epochs * f.num_clients} exceeds the limit {MAX_CLIENT_EPOCHS} (every epoch's client "
+        f"draw is computed, also by `mona-sfl comm`)",
+    )
+    _check(t.steps_per_epoch <= MAX_STEPS_PER_EPOCH, f"train.steps_per_epoch={t.steps_per_epoch} exceeds the limit {MAX_STEPS_PER_EPOCH}")
+    _check(t.batch_size <= MAX_BATCH, f"train.batch_size={t.batch_size} exceeds the limit {MAX_BATCH}")
     _check(t.max_steps >= 0, f"train.max_steps must be >= 0 (0 = no limit), got {t.max_steps}")
     _check(t.steps_per_epoch >= 0, f"train.steps_per_epoch must be >= 0 (0 = from the data), got {t.steps_per_epoch}")
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _check(t.client_lr >= 0, f"train.client_lr must be >= 0 (0 = same as train.lr), got {t.client_lr}")
     _check(0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum}")
-    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _check(0 <= t.weight_decay <= MAX_WEIGHT_DECAY, f"train.weight_decay must be in [0, {MAX_WEIGHT_DECAY}], got {t.weight_decay}")
     _check(t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {t.checkpoint_every}")
     _check(t.checkpoint_minutes >= 0, f"train.checkpoint_minutes must be >= 0 (0 = off), got {t.checkpoint_minutes}")
     _check(0 <= t.client_threads <= 1024, f"train.client_threads must be in 0..1024 (0 = all CPUs), got {t.client_threads}")
@@ -601,6 +665,7 @@ def validate(cfg: Config) -> None:
     _check(e.linear_epochs >= 1, f"eval.linear_epochs must be >= 1, got {e.linear_epochs}")
     _check(e.linear_lr > 0, f"eval.linear_lr must be > 0, got {e.linear_lr}")
     _check(e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}")
+    _check(e.batch_size <= MAX_BATCH, f"eval.batch_size={e.batch_size} exceeds the limit {MAX_BATCH}")
 
     r = cfg.ray
     _check(r.num_actors >= 0, f"ray.num_actors must be >= 0, got {r.num_actors}")
@@ -609,6 +674,11 @@ def validate(cfg: Config) -> None:
     _check(r.step_timeout_s > 0, f"ray.step_timeout_s must be > 0, got {r.step_timeout_s}")
     fl = cfg.flower
     _check(fl.num_supernodes >= 0, f"flower.num_supernodes must be >= 0, got {fl.num_supernodes}")
+    _check(
+        fl.num_supernodes <= f.num_clients,
+        f"flower.num_supernodes={fl.num_supernodes} exceeds the limit fed.num_clients={f.num_clients} (a node without a "
+        f"client would never answer): use at most one node per client, or 0 for one each",
+    )
     _check(fl.step_timeout_s > 0, f"flower.step_timeout_s must be > 0, got {fl.step_timeout_s}")
     _check(fl.cpus_per_client > 0, f"flower.cpus_per_client must be > 0, got {fl.cpus_per_client}")
 

@@ -23,6 +23,7 @@ from mona_sfl import build
 from mona_sfl.checkpoint import (
     CHECKPOINT_VERSION,
     CONFIG,
+    CheckpointError,
     METRICS,
     SUMMARY,
     MetricsLog,
@@ -316,7 +317,8 @@ class Trainer:
                     raise self._stop(signum)
             self.train_time += time.perf_counter() - t_start
             self._running_since = None
-            summary = self._finish()
+            progress.close()  # the bar's rate is training only: evaluation reports itself
+            summary = self._finish(verbose=self.progress_enabled)
         finally:
             self._running_since = None
             progress.close()
@@ -376,11 +378,15 @@ class Trainer:
         self.last_knn = self.knn()
         self._log({"epoch": self.epoch, "step": self.global_step, "knn_top1": self.last_knn})
 
-    def _finish(self) -> dict[str, Any]:
+    def _finish(self, verbose: bool = False) -> dict[str, Any]:
         cfg = self.cfg
         self.runtime.flush()
         trained = self._metrics.count if self._metrics is not None else 0  # records before the final evaluation
+        say = (lambda text: print(text, file=sys.stderr, flush=True)) if verbose else (lambda text: None)
+        say(f"training done: {self.global_step} steps in {self.train_time:.1f} s; final kNN evaluation ...")
+        t0 = time.perf_counter()
         knn = self.knn()
+        say(f"kNN top-1 {knn:.2f}% ({time.perf_counter() - t0:.1f} s)" + (f"; linear probe ({cfg.eval.linear_epochs} epochs) ..." if cfg.eval.linear else ""))
         self._log({"epoch": self.epoch, "step": self.global_step, "knn_top1": knn, "final": True})
         summary: dict[str, Any] = {
             "knn_top1": knn,
@@ -422,6 +428,7 @@ class Trainer:
             t0 = time.perf_counter()
             summary["linear_top1"] = self.linear()
             summary["linear_s"] = time.perf_counter() - t0
+            say(f"linear probe top-1 {summary['linear_top1']:.2f}% ({summary['linear_s']:.1f} s)")
         self.save(metrics_records=trained)
         atomic_write_text(self.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
         return summary
@@ -440,8 +447,29 @@ class Trainer:
             if type(e).__module__.startswith("mona_sfl"):  # a runtime fault or our own error, not a damaged file
                 raise
             raise damaged(run_dir, e) from None
+        try:
+            trainer._check_extension(state)
+        except CheckpointError:
+            trainer.runtime.close()
+            raise
         prepare_resume(run_dir, state, cfg, max_steps=max_steps)
         return trainer
+
+    def _check_extension(self, state: dict[str, Any]) -> None:
+        """A run stopped by ``train.max_steps`` made a sync after its last step because it was the
+        last; a longer run makes it only where its schedule says so. Continuing such a run past
+        that step would not give the longer run's training: refuse it (CheckpointError)."""
+        old = state.get("config", {}).get("train.max_steps")
+        step, in_epoch = self.global_step, self.step_in_epoch
+        if not isinstance(old, int) or not old or step < old or step >= self.total_steps or in_epoch == 0:
+            return  # not stopped by max_steps, not extended, or at an epoch end (a sync in every schedule)
+        if self.schedule.sync_due(in_epoch, step):
+            return
+        raise CheckpointError(
+            f"the run in {self.run_dir} stopped at step {step} (train.max_steps={old}) with a final sync that a run of "
+            f"{self.total_steps} steps does not make there (fed.sync_every={self.cfg.fed.sync_every}), so continuing it "
+            f"would not reproduce the longer run: start a new run with --set train.max_steps={self.cfg.train.max_steps}"
+        )
 
 
 def count_params(module: torch.nn.Module) -> int:

@@ -97,3 +97,37 @@ def test_quick_study_then_resume(study, tmp_path: Path, capsys: pytest.CaptureFi
     # other settings into the same folder are refused
     assert study.main(ARGS + ["--out", str(out), "--attack-epochs", "3"]) == 2
     assert "different settings" in capsys.readouterr().err
+
+
+def test_regime_preset_writes_curves_and_plots(tmp_path: Path, study) -> None:
+    """`--regime` runs the reference regime's federation and schedule (tiny with --quick), curves and plots, no attack."""
+    from mona_sfl.config import load_config
+    from mona_sfl.studies.regimes import REGIMES, regime_overrides
+
+    out = tmp_path / "regime"
+    argv = ["--regime", "batch20", "--quick", "--cuts", "2", "--steps", "4", "--curve-every", "2", "--no-attack",
+            "--set", "data.synthetic_size=200", "--set", "eval.linear=false", "--out", str(out)]
+    assert study.main(argv) == 0
+    cols, rows = rows_of(out / "split_depth.csv")
+    assert sorted(r["method"] for r in rows) == ["MocoSFL", "MonAcoSFL"]
+    assert all(r["steps"] == "4" and r["mia_ssim"] == "" for r in rows)
+    cfg = load_config(out / rows[0]["run_dir"] / "config.toml")
+    assert (cfg.fed.num_clients, cfg.train.batch_size, cfg.fed.sync_every) == (5, 20, 10)
+    assert (cfg.train.client_schedule, cfg.data.partition, cfg.train.max_steps, cfg.eval.every_steps) == ("reference", "noniid", 4, 2)
+    _, curves = rows_of(out / "curves.csv")
+    for method in ("MonAcoSFL", "MocoSFL"):
+        knn_steps = [int(c["step"]) for c in curves if c["method"] == method and c["knn_top1"]]
+        assert knn_steps == [0, 2, 4]  # initial, every 2 steps, final
+        synced = [c for c in curves if c["method"] == method and c["ol_ml"]]
+        assert [int(c["step"]) for c in synced] == [4]  # the run's last step syncs
+    for name in ("accuracy_vs_cut", "curves_cut2"):
+        for ext in ("png", "pdf"):
+            assert (out / "plots" / f"{name}.{ext}").stat().st_size > 1000
+    assert not (out / "plots" / "attack_vs_cut.png").exists()
+    # the presets themselves
+    assert set(REGIMES) == {"batch20", "batch2", "clients20", "clients200"}
+    c200 = load_config(None, regime_overrides("clients200", steps=10))
+    assert (c200.fed.num_clients, c200.train.batch_size, c200.clients_per_epoch, c200.fed.sync_every) == (200, 1, 100, 50)
+    c20 = load_config(None, regime_overrides("clients20", width=0.25))
+    assert (c20.clients_per_epoch, c20.fed.sync_every, c20.model.width, c20.train.max_steps) == (5, 12, 0.25, 1000)
+    assert study.main(["--regime", "batch21", "--out", str(tmp_path / "x")]) == 2  # a typo is a clear error

@@ -145,3 +145,8 @@ def test_cli_transfer_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert json.loads((run / "transfer.json").read_text())["classes"] == 4
     assert main(["transfer", str(run), "--set", "model.cut=3"]) == 2
     assert main(["transfer", str(run), "--shares", "1.5"]) == 2
+    from mona_sfl.checkpoint import lock_run_dir
+
+    with lock_run_dir(run, "a training"):  # another writer holds the run folder
+        assert main(["transfer", str(run), "--labels-per-class", "2", "--epochs", "1", "--methods", "linear"]) == 2
+    assert main(["transfer", str(tmp_path / "missing")]) == 2

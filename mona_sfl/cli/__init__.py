@@ -1,4 +1,4 @@
-"""The command line: ``mona-sfl train | attack | comm | study | deploy-local | certs | transfer``.
+"""The command line: ``mona-sfl train | attack | comm | study | deploy-local | flwr-run | certs | transfer``.
 
 Every command takes its settings the same way: ``--config FILE|NAME`` (a file, or a bundled
 config name; default: the bundled ``default``) and ``--set key=value`` (repeatable). Library
@@ -6,7 +6,8 @@ code raises; only this package prints errors and chooses exit codes:
 
 0 success, 2 a problem with the input (config, data, run folder, checkpoint: any
 :class:`mona_sfl.errors.UserError`), 1 a failed run (every client lost, activations refused,
-a deployment that failed), 130 / 143 stopped by SIGINT / SIGTERM (after a checkpoint).
+a deployment that failed, an OS error such as a full disk: one line naming the path and
+the cause), 130 / 143 stopped by SIGINT / SIGTERM (after a checkpoint).
 
 Parsing imports neither torch nor the runtimes: a typo is answered at once.
 """
@@ -30,6 +31,7 @@ COMMANDS = {
     "comm": "mona_sfl.cli.comm",
     "study": "mona_sfl.cli.study",
     "deploy-local": "mona_sfl.cli.deploy",
+    "flwr-run": "mona_sfl.cli.flwr_run",
     "certs": "mona_sfl.cli.certs",
     "transfer": "mona_sfl.cli.transfer",
 }
@@ -78,9 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         from mona_sfl.core.server import ActivationsRejected
         from mona_sfl.runtime import AllClientsLost
 
-        if not isinstance(e, (AllClientsLost, ActivationsRejected)):
+        if isinstance(e, ActivationsRejected):  # deterministic: a resume would compute the same activations again
+            print(
+                f"mona-sfl: error: {e}; the last checkpoint holds the state before this step, but a --resume would repeat "
+                f"the same step and fail the same way: start a new run with a change that avoids it (e.g. a smaller "
+                f"train.lr for non-finite activations)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        if not isinstance(e, AllClientsLost):
             raise
         print(f"mona-sfl: error: {e}; continue with: mona-sfl train --resume RUN_DIR", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:  # no space, read-only, permission, name too long: one line, the path and the cause
+        from mona_sfl.checkpoint import os_error_text
+
+        print(f"mona-sfl: error: {os_error_text(e)}; the previous checkpoint is kept: fix the cause, then continue "
+              f"with `mona-sfl train --resume RUN_DIR` if a run was started", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -30,23 +30,30 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mona_sfl.checkpoint import load_run_config, lock_run_dir
     from mona_sfl.config import load_config, resolve_config_path
-    from mona_sfl.privacy.attack import ATTACK_JSON, BASELINE_JSON, attack_config, attack_run
+    from mona_sfl.privacy.attack import ATTACK_JSON, BASELINE_JSON, attack_config, attack_run, check_attack_options
 
     kw: dict[str, Any] = {k: getattr(args, k) for k in ATTACK_OPTIONS if getattr(args, k, None) is not None}
     device = args.device or "cpu"
+    check_attack_options(device, **kw)  # before any data is loaded or decoder trained
     if args.run_dir and args.config:
         raise ConfigError("pass either a RUN_DIR or --config FILE, not both")
     if args.run_dir:
         if args.overrides or args.out:
             raise ConfigError("--set and --out go with --config (a run folder has its own config; results go into it)")
-        res = attack_run(args.run_dir, untrained=bool(args.untrained), device=device, **kw)
+        load_run_config(Path(args.run_dir))  # a missing or foreign folder is refused, not created by the lock
+        with lock_run_dir(Path(args.run_dir), "the attack"):  # writable, and no training writing it: checked before the decoder trains
+            res = attack_run(args.run_dir, untrained=bool(args.untrained), device=device, **kw)
         where = Path(args.run_dir)
     elif args.config:
         if not args.out:
             raise ConfigError("--config needs --out DIR for attack.json and attack.png")
         cfg = load_config(resolve_config_path(args.config), args.overrides)
-        res = attack_config(cfg, args.out, device=device, **kw)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out} exists and is not a folder")
+        with lock_run_dir(Path(args.out), "the attack"):
+            res = attack_config(cfg, args.out, device=device, **kw)
         where = Path(args.out)
     else:
         raise ConfigError("pass a RUN_DIR (trained run folder) or --config FILE --out DIR (untrained baseline)")

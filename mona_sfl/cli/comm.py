@@ -20,8 +20,12 @@ def run(args: argparse.Namespace) -> int:
     from mona_sfl.comms import comm_costs, comm_table, fmt_bytes, reference_table
     from mona_sfl.config import load_config, resolve_config_path
 
+    from mona_sfl.config import MAX_STEPS_PER_EPOCH, ConfigError
+
     cfg = load_config(resolve_config_path(args.config), args.overrides)
     spe = args.steps_per_epoch
+    if spe is not None and not 1 <= spe <= MAX_STEPS_PER_EPOCH:
+        raise ConfigError(f"--steps-per-epoch must be in 1..{MAX_STEPS_PER_EPOCH}, got {spe}")
     print(comm_table(cfg, steps_per_epoch=spe, exact=bool(args.exact)))
     c = comm_costs(cfg, steps_per_epoch=spe)
     print(

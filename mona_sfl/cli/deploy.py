@@ -35,29 +35,40 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mona_sfl.checkpoint import check_new_run_dir, default_run_dir
-    from mona_sfl.cli import EXIT_FAILED
-    from mona_sfl.cli.train import print_summary
+    from mona_sfl.checkpoint import check_new_run_dir, default_run_dir, lock_run_dir
     from mona_sfl.config import load_config, resolve_config_path
-    from mona_sfl.runtime.flower.certs import CertError, make_test_certs
-    from mona_sfl.runtime.flower.deploy import check_tls_dir, deploy
+    from mona_sfl.runtime.flower.certs import CertError
+    from mona_sfl.runtime.flower.deploy import check_out_name, check_tls_dir
 
     if args.nodes is not None and args.nodes < 1:
         raise ConfigError(f"--nodes must be >= 1, got {args.nodes}")
     nodes = [f"flower.num_supernodes={args.nodes}"] if args.nodes is not None else []
     cfg = load_config(resolve_config_path(args.config), [*args.overrides, "runtime=flower", *nodes])
     run_dir = Path(args.out) if args.out else default_run_dir(cfg, "deployed")
+    check_out_name(run_dir)
     check_new_run_dir(run_dir)
     if args.auth and not args.tls:
         raise CertError("--auth needs --tls DIR or --tls auto (Flower authenticates SuperNodes only over TLS)")
+    if args.tls and args.tls != "auto":
+        check_tls_dir(Path(args.tls), cfg.num_nodes if args.auth else 0)
+    with lock_run_dir(run_dir, "the deployment"):  # held until every started process has ended
+        check_new_run_dir(run_dir)  # again under the lock, before any process starts
+        return _deploy(args, cfg, run_dir)
+
+
+def _deploy(args: argparse.Namespace, cfg: Any, run_dir: Path) -> int:
+    from mona_sfl.cli import EXIT_FAILED
+    from mona_sfl.cli.train import print_summary
+    from mona_sfl.runtime.flower.certs import make_test_certs
+    from mona_sfl.runtime.flower.deploy import deploy
+
     tls = auto_certs = None
     try:
         if args.tls == "auto":
             auto_certs = Path(tempfile.mkdtemp(prefix="mona-flwr-certs-"))
             tls = make_test_certs(auto_certs, nodes=cfg.num_nodes if args.auth else 0, days=2)
         elif args.tls:
-            tls = Path(args.tls)
-            check_tls_dir(tls, cfg.num_nodes if args.auth else 0)
+            tls = Path(args.tls)  # checked before the lock
         res = deploy(cfg, cfg.num_nodes, run_dir, timeout_s=args.timeout, keep=args.keep, probe_mb=args.probe, tls_dir=tls, auth=args.auth)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         print(f"mona-sfl: error: the deployment failed: {e}", file=sys.stderr)

@@ -25,6 +25,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--attack-num-test", type=int, help="held-out test images attacked (default 128)")
     p.add_argument("--attack-width", type=int, help="decoder channels (default 64)")
     p.add_argument("--baseline", action="store_true", help="also attack the untrained front of every (cut, seed)")
+    p.add_argument("--regime", help="a reference training regime: batch20, batch2, clients20, clients200 "
+                   "(clients, batch, sampling, sync cadence; README 'Regimes')")
+    p.add_argument("--steps", type=int, help="step budget of every run (train.max_steps; regime default: its budget)")
+    p.add_argument("--width", type=float, help="model.width of every run")
+    p.add_argument("--curve-every", type=int, help="kNN every N steps for the learning curves (regime default: budget / 10)")
+    p.add_argument("--no-attack", action="store_true", help="skip the model-inversion attack (accuracy and curves only)")
     p.add_argument("--quick", action="store_true", help="tiny synthetic version (a few minutes on 2 CPU cores)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; --quick: 1, which is much faster on a busy machine)")
     p.add_argument("--progress", action="store_true", help="show training progress")
@@ -49,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
         methods=parse_methods(args.methods),
         seeds=parse_ints(args.seeds, "seeds"),
         attack=attack,
+        no_attack=args.no_attack,
+        regime=args.regime,
+        steps=args.steps,
+        width=args.width,
+        curve_every=args.curve_every,
         baseline=args.baseline,
         quick=args.quick,
         threads=args.threads,

@@ -42,7 +42,7 @@ def _train(trainer: Any, resumed: bool) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mona_sfl.checkpoint import check_new_run_dir, check_resumable, default_run_dir
+    from mona_sfl.checkpoint import check_new_run_dir, check_resumable, default_run_dir, lock_run_dir
     from mona_sfl.config import load_config, resolve_config_path
     from mona_sfl.interrupt import stop_on_signals
 
@@ -52,41 +52,50 @@ def run(args: argparse.Namespace) -> int:
                 raise ConfigError("--resume takes the config and folder of the run: do not pass --config or --out with it")
             max_steps = resume_max_steps(args.overrides)
             run_dir = Path(args.resume)
-            cfg = check_resumable(run_dir, max_steps)
-            if cfg.runtime == "flower":
-                from mona_sfl.runtime.flower.launch import resume_with_flower
-
-                print(f"resuming {run_dir} on Flower's simulation engine", file=sys.stderr)
-                summary = resume_with_flower(run_dir, progress=not args.quiet, max_steps=max_steps)
-            else:
-                from mona_sfl.engine import Trainer
-
-                trainer = Trainer.resume(run_dir, progress=not args.quiet, max_steps=max_steps)
-                print(f"resuming {run_dir} at step {trainer.global_step} (epoch {trainer.epoch})", file=sys.stderr)
-                summary = _train(trainer, resumed=True)
+            check_resumable(run_dir, max_steps)  # before the lock: a missing folder is not created
+            with lock_run_dir(run_dir, "--resume"):  # one writer per folder; nothing changed before it is held
+                summary = _resume(run_dir, check_resumable(run_dir, max_steps), max_steps, quiet=args.quiet)
         else:
             cfg = load_config(resolve_config_path(args.config), args.overrides)
             run_dir = Path(args.out) if args.out else default_run_dir(cfg)
             check_new_run_dir(run_dir)
-            what = f"training {cfg.model.arch} width {cfg.model.width} cut {cfg.model.cut} ({cfg.method}), {cfg.fed.num_clients} clients, "
-            if cfg.runtime == "flower":
-                from mona_sfl.runtime.flower.launch import train_with_flower
-
-                if cfg.data.name != "imagefolder":  # fail in seconds, not after starting Flower (decoding folders twice costs more)
-                    from mona_sfl import build
-
-                    train = build.load_data(cfg, "train")
-                    build.client_partition(cfg, train.labels, len(train.classes))
-                print(f"{what}runtime flower (simulation engine, {cfg.num_nodes} SuperNodes), data {cfg.data.name}", file=sys.stderr)
-                summary = train_with_flower(cfg, run_dir, progress=not args.quiet)
-            else:
-                from mona_sfl.engine import Trainer
-
-                trainer = Trainer(cfg, run_dir, progress=not args.quiet)
-                print(f"{what}{trainer.total_steps} steps, runtime {cfg.runtime}, device {trainer.device}, data {cfg.data.name}", file=sys.stderr)
-                summary = _train(trainer, resumed=False)
+            with lock_run_dir(run_dir, "training"):
+                check_new_run_dir(run_dir)  # again under the lock: a run started at the same moment has it now
+                summary = _new_run(cfg, run_dir, quiet=args.quiet)
     print_summary(summary, run_dir)
     return 0
+
+
+def _resume(run_dir: Path, cfg: Any, max_steps: int | None, *, quiet: bool) -> dict[str, Any]:
+    if cfg.runtime == "flower":
+        from mona_sfl.runtime.flower.launch import resume_with_flower
+
+        print(f"resuming {run_dir} on Flower's simulation engine", file=sys.stderr)
+        return resume_with_flower(run_dir, progress=not quiet, max_steps=max_steps)
+    from mona_sfl.engine import Trainer
+
+    trainer = Trainer.resume(run_dir, progress=not quiet, max_steps=max_steps)
+    print(f"resuming {run_dir} at step {trainer.global_step} (epoch {trainer.epoch})", file=sys.stderr)
+    return _train(trainer, resumed=True)
+
+
+def _new_run(cfg: Any, run_dir: Path, *, quiet: bool) -> dict[str, Any]:
+    what = f"training {cfg.model.arch} width {cfg.model.width} cut {cfg.model.cut} ({cfg.method}), {cfg.fed.num_clients} clients, "
+    if cfg.runtime == "flower":
+        from mona_sfl.runtime.flower.launch import train_with_flower
+
+        if cfg.data.name != "imagefolder":  # fail in seconds, not after starting Flower (decoding folders twice costs more)
+            from mona_sfl import build
+
+            train = build.load_data(cfg, "train")
+            build.client_partition(cfg, train.labels, len(train.classes))
+        print(f"{what}runtime flower (simulation engine, {cfg.num_nodes} SuperNodes), data {cfg.data.name}", file=sys.stderr)
+        return train_with_flower(cfg, run_dir, progress=not quiet)
+    from mona_sfl.engine import Trainer
+
+    trainer = Trainer(cfg, run_dir, progress=not quiet)
+    print(f"{what}{trainer.total_steps} steps, runtime {cfg.runtime}, device {trainer.device}, data {cfg.data.name}", file=sys.stderr)
+    return _train(trainer, resumed=False)
 
 
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:

@@ -44,6 +44,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mona_sfl.checkpoint import load_run_config, lock_run_dir
     from mona_sfl.eval.transfer import METHODS, TRANSFER_JSON, transfer_run
 
     for m in args.methods:
@@ -63,21 +64,23 @@ def run(args: argparse.Namespace) -> int:
     if args.labels_per_class < 0 or not 0 <= args.label_fraction <= 1:
         raise ConfigError("--labels-per-class must be >= 0 and --label-fraction in [0, 1]")
     per_class = args.labels_per_class if (args.labels_per_class or args.label_fraction) else 10
-    res = transfer_run(
-        args.run_dir,
-        args.overrides,
-        labels_per_class=per_class,
-        label_fraction=args.label_fraction,
-        methods=tuple(args.methods),
-        shares=tuple(args.shares),
-        device=args.device,
-        seed=args.seed,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr_head=args.lr_head,
-        lr_svf=args.lr_svf,
-        lr_full=args.lr_full,
-    )
+    load_run_config(Path(args.run_dir))  # a missing or foreign folder is refused, not created by the lock
+    with lock_run_dir(Path(args.run_dir), "the transfer"):  # no training writing it while transfer.json is written
+        res = transfer_run(
+            args.run_dir,
+            args.overrides,
+            labels_per_class=per_class,
+            label_fraction=args.label_fraction,
+            methods=tuple(args.methods),
+            shares=tuple(args.shares),
+            device=args.device,
+            seed=args.seed,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr_head=args.lr_head,
+            lr_svf=args.lr_svf,
+            lr_full=args.lr_full,
+        )
     m = res.meta
     print(
         f"transfer of {m['run_dir']} (step {m['checkpoint_step']}) to {m['target']}: {m['labelled']} labelled images "

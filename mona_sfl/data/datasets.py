@@ -53,6 +53,9 @@ STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
+#: PIL's decompression-bomb limit (``data.max_image_pixels``): the most pixels one image file may hold.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
 #: Threads decoding image files (file reads overlap; decoding itself mostly holds the GIL).
 DECODE_THREADS = 2
 
@@ -71,6 +74,7 @@ def load_dataset(
     synthetic_size: int = 5000,
     num_classes: int = 10,
     image_size: int = 32,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ImageData:
     """Load split ``split`` ('train' or 'test') of dataset ``name`` (one of ``DATASETS``).
 
@@ -86,7 +90,7 @@ def load_dataset(
 
     return DATASETS.get(name)(
         name, split, root=root, download=bool(download), seed=int(seed), synthetic_size=synthetic_size,
-        num_classes=num_classes, image_size=int(image_size),
+        num_classes=num_classes, image_size=int(image_size), max_image_pixels=int(max_image_pixels),
     )
 
 
@@ -110,9 +114,11 @@ def _files_root(name: str, root: str | None) -> Path:
     return Path(root)
 
 
-def load_imagefolder(name: str, split: str, *, root: str | None, image_size: int, **_: Any) -> ImageData:
+def load_imagefolder(
+    name: str, split: str, *, root: str | None, image_size: int, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, **_: Any
+) -> ImageData:
     """``imagefolder``: class folders of image files (see the module docstring)."""
-    return _load_imagefolder(_files_root(name, root), split, int(image_size))
+    return _load_imagefolder(_files_root(name, root), split, int(image_size), int(max_image_pixels))
 
 
 def load_torchvision(name: str, split: str, *, root: str | None, download: bool, image_size: int, **_: Any) -> ImageData:
@@ -193,7 +199,46 @@ def _split_dir(root: Path, split: str) -> Path:
 
 def _class_names(folder: Path) -> list[str]:
     """Sorted names of the class subfolders (hidden folders are ignored)."""
-    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError as exc:
+        raise DataError(f"imagefolder: cannot list folder {str(folder)!r} ({exc.strerror or exc}); fix its permissions") from None
+
+
+def _walk_class(top: Path, tree: Path) -> list[Path]:
+    """Image files below the class folder ``top`` (which may itself be a link). No symbolic link
+    below it is followed: a link to a folder or file points either out of the image tree or back
+    into it (where its images would count twice, or loop), so it is an error naming it; so is
+    every entry that cannot be read."""
+    found: list[Path] = []
+
+    def failed(exc: OSError) -> None:
+        raise DataError(
+            f"imagefolder: cannot read folder {str(exc.filename or top)!r} ({exc.strerror or exc}); fix its permissions "
+            f"or remove it"
+        )
+
+    def link_error(p: Path) -> DataError:
+        target = os.path.realpath(p)
+        inside = target == str(tree) or target.startswith(str(tree) + os.sep)
+        where = "back into the image tree (its images would be counted twice, or loop)" if inside else "out of the image tree"
+        return DataError(
+            f"imagefolder: {str(p)!r} is a symbolic link pointing {where} ({target}); links inside class folders are not "
+            f"followed: replace it with the file or folder itself"
+        )
+
+    for d, dirs, names in os.walk(top, onerror=failed, followlinks=False):
+        for sub in dirs:
+            if os.path.islink(os.path.join(d, sub)):
+                raise link_error(Path(d, sub))
+        for f in names:
+            if os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            p = Path(d, f)
+            if p.is_symlink() and p.exists():  # a broken link is reported when it is read
+                raise link_error(p)
+            found.append(p)
+    return sorted(found)
 
 
 def _list_images(folder: Path) -> tuple[list[str], list[Path], list[int]]:
@@ -207,13 +252,19 @@ def _list_images(folder: Path) -> tuple[list[str], list[Path], list[int]]:
     files: list[Path] = []
     labels: list[int] = []
     empty: list[str] = []
+    tree = os.path.realpath(folder)
+    real: dict[str, str] = {}
+    for c in classes:  # class folders may be links, but to distinct folders, none inside another
+        r = os.path.realpath(folder / c)
+        for other, ro in real.items():
+            if r == ro or r.startswith(ro + os.sep) or ro.startswith(r + os.sep):
+                raise DataError(
+                    f"imagefolder: class folders {str(folder / other)!r} and {str(folder / c)!r} are the same folder or one "
+                    f"holds the other (through a symbolic link), so images would be counted twice with different labels"
+                )
+        real[c] = r
     for k, c in enumerate(classes):
-        found = sorted(
-            Path(d) / f
-            for d, _, names in os.walk(folder / c, followlinks=True)
-            for f in names
-            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-        )
+        found = _walk_class(folder / c, Path(tree))
         if not found:
             empty.append(c)
         files += found
@@ -226,22 +277,74 @@ def _list_images(folder: Path) -> tuple[list[str], list[Path], list[int]]:
     return classes, files, labels
 
 
+def _pil_rgb(im: Any) -> np.ndarray:
+    """uint8 RGB pixels of a PIL image of any mode: 16- and 32-bit integer images are scaled
+    from their full range (PIL's own convert would clip them to 255), float images are taken
+    as 0..1 (TIFF float convention) and clipped."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        a = np.rint(np.clip(a, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=-1)
+    if mode == "F":
+        a = np.rint(np.clip(np.nan_to_num(np.asarray(im, dtype=np.float64)), 0.0, 1.0) * 255.0).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=-1)
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA").convert("RGB")  # alpha dropped, colours kept
+    return np.asarray(im.convert("RGB"))
+
+
+def _to_uint8(img: torch.Tensor) -> torch.Tensor:
+    """A decoded image tensor in uint8: 16-bit values scaled from 0..65535 (rounded), not truncated."""
+    if img.dtype == torch.uint8:
+        return img
+    if img.dtype == torch.uint16:
+        return ((img.to(torch.int64) * 255 + 32767) // 65535).to(torch.uint8)
+    raise DataError(f"unsupported decoded image type {img.dtype}")
+
+
 def _decode_pil(path: Path, data: bytes) -> torch.Tensor:
-    """PIL fallback (BMP, TIFF, ...); DataError naming the file if it cannot be decoded."""
+    """PIL fallback (BMP, TIFF, 16-bit, ...); DataError naming the file if it cannot be decoded."""
     from io import BytesIO
 
     from PIL import Image
 
     try:
         with Image.open(BytesIO(data)) as im:
-            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+            return torch.from_numpy(np.array(_pil_rgb(im))).permute(2, 0, 1)  # a writable copy
     except Exception as exc:  # PIL raises many types for broken files
         raise DataError(f"imagefolder: cannot decode image file {str(path)!r} ({exc}); delete or replace it") from exc
 
 
-def _load_imagefolder(root: Path, split: str, image_size: int) -> ImageData:
+def _check_pixels(path: Path, data: bytes, max_pixels: int) -> None:
+    """DataError before decoding an image of more than ``max_pixels`` pixels (a decompression bomb)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    try:
+        with Image.open(BytesIO(data)) as im:  # reads the header only
+            w, h = im.size
+    except Image.DecompressionBombError:
+        w = h = None
+    except Exception as exc:
+        raise DataError(f"imagefolder: cannot decode image file {str(path)!r} ({exc}); delete or replace it") from exc
+    if w is None or w * h > max_pixels:
+        size = "" if w is None else f"{w}x{h} = {w * h} pixels, "
+        raise DataError(
+            f"imagefolder: image file {str(path)!r} is too large ({size}limit data.max_image_pixels={max_pixels}); it may "
+            f"be a decompression bomb: shrink or delete it, or raise data.max_image_pixels if you trust it"
+        )
+
+
+def _load_imagefolder(root: Path, split: str, image_size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageData:
     """Decode every image of the split once, straight into one tensor, on a small thread pool."""
+    from PIL import Image
     from torchvision.io import ImageReadMode, decode_image
+
+    # PIL's own bomb check (it raises at twice its limit) must not be below ours
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
     folder = _split_dir(root, split)
     classes, files, labels = _list_images(folder)
@@ -259,11 +362,12 @@ def _load_imagefolder(root: Path, split: str, image_size: int) -> ImageData:
                     f"imagefolder: cannot read image file {str(path)!r} ({exc.strerror or exc}); "
                     f"fix or delete it (or the broken link)"
                 ) from None
+            _check_pixels(path, data, max_pixels)
             img = None
             if path.suffix.lower() in fast:
                 try:
-                    img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=rgb)
-                except (RuntimeError, ValueError):
+                    img = _to_uint8(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=rgb))
+                except (RuntimeError, ValueError, DataError):
                     pass  # PIL gets a go, and reports the error if it fails too
             if img is None:
                 img = _decode_pil(path, data)

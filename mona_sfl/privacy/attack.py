@@ -207,6 +207,27 @@ def aux_indices(
     return aux, held, dropped
 
 
+#: Devices the attack runs on (``auto``: CUDA when present).
+ATTACK_DEVICES = ("cpu", "cuda", "auto")
+
+
+def check_attack_options(device: Any = "cpu", **kw: Any) -> None:
+    """ConfigError for attack settings that cannot work, before any data is loaded or decoder trained."""
+    if isinstance(device, str) and device not in ATTACK_DEVICES:
+        raise ConfigError(f"attack device must be one of {', '.join(ATTACK_DEVICES)}, got {device!r}")
+    for name, low in (("epochs", 1), ("batch_size", 1), ("num_test", 1), ("decoder_width", 1), ("seed", 0)):
+        v = kw.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise ConfigError(f"attack {name.replace('_', '-')} must be an integer >= {low}, got {v!r}")
+    if kw.get("seed") is not None and kw["seed"] >= 2**63:
+        raise ConfigError(f"attack seed must be below 2**63, got {kw['seed']}")
+    if kw.get("decoder_width") is not None and kw["decoder_width"] > 4096:
+        raise ConfigError(f"attack decoder-width must be at most 4096, got {kw['decoder_width']}")
+    frac = kw.get("aux_fraction")
+    if frac is not None and not (isinstance(frac, (int, float)) and 0 < frac <= 1):
+        raise ConfigError(f"attack aux-fraction must be in (0, 1], got {frac!r}")
+
+
 @torch.no_grad()
 def _encode(front: nn.Module, images: Tensor, mean: Any, std: Any, device: torch.device, batch_size: int = 256) -> Tensor:
     """uint8 images -> client activations (float32, on the CPU), front in eval mode."""
@@ -325,6 +346,7 @@ def attack_front(
     """
     import copy
 
+    check_attack_options(decoder_width=decoder_width, seed=seed)
     if epochs < 1:
         raise ConfigError(f"attack epochs must be >= 1, got {epochs}")
     if batch_size < 1:

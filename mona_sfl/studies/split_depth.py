@@ -218,6 +218,45 @@ def misalignment(run_dir: Path) -> list[dict[str, float]]:
     return traj
 
 
+def knn_curve(run_dir: Path) -> list[dict[str, float]]:
+    """(step, knn_top1) of every kNN evaluation of a run (initial, periodic, final); also ``knn_curve.csv``."""
+    pts: dict[int, float] = {}
+    for r in read_metrics(run_dir / "metrics.jsonl"):
+        if "knn_top1" in r and "step" in r:
+            pts[int(r["step"])] = float(r["knn_top1"])  # the final evaluation wins over a periodic one at the same step
+    curve = [{"step": k, "knn_top1": v} for k, v in sorted(pts.items())]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["step", "knn_top1"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(curve)
+    atomic_write_text(run_dir / "knn_curve.csv", buf.getvalue())
+    return curve
+
+
+CURVE_COLUMNS = ["method", "cut", "seed", "step", "knn_top1", "ol_ml", "ol_og", "ml_mg"]
+
+
+def write_curves(out: Path, rows: list[dict[str, Any]]) -> Path:
+    """``OUT/curves.csv``: every run's kNN curve and sync divergence metrics, one row per (run, step)."""
+    lines: list[dict[str, Any]] = []
+    for r in rows:
+        run_dir = out / str(r["run_dir"])
+        by_step: dict[int, dict[str, Any]] = {}
+        for t in read_rows(run_dir / "knn_curve.csv"):
+            by_step.setdefault(int(t["step"]), {})["knn_top1"] = t["knn_top1"]
+        for t in read_rows(run_dir / "misalignment.csv"):
+            by_step.setdefault(int(t["step"]), {}).update({k: t[k] for k in ("ol_ml", "ol_og", "ml_mg")})
+        for step in sorted(by_step):
+            lines.append({"method": r["method"], "cut": r["cut"], "seed": r["seed"], "step": step, **by_step[step]})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CURVE_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for line in lines:
+        w.writerow({k: line.get(k, "") for k in CURVE_COLUMNS})
+    atomic_write_text(out / "curves.csv", buf.getvalue())
+    return out / "curves.csv"
+
+
 def attack_cached(run_dir: Path, attack_kw: dict[str, Any], step: int, device: str, seed: int) -> dict[str, Any]:
     from mona_sfl.privacy.attack import ATTACK_JSON, attack_run
 
@@ -253,9 +292,10 @@ def run_one(
     summary = train_run(cfg, run_dir, progress=progress, report=report)
     t1 = time.perf_counter()
     attack_device = "cuda" if cfg.device == "cuda" else ("cpu" if cfg.device == "cpu" else "auto")
-    mia = attack_cached(run_dir, attack_kw, int(summary["steps"]), attack_device, seed)
+    mia = attack_cached(run_dir, attack_kw, int(summary["steps"]), attack_device, seed) if attack_kw else {}
     t_attack = time.perf_counter() - t1
     traj = misalignment(run_dir)
+    knn_curve(run_dir)
     costs = comm_costs(cfg)
     if costs.total_steps != summary["steps"] or costs.total_syncs != summary["syncs"]:
         log.warning(
@@ -279,9 +319,9 @@ def run_one(
         "knn_top1": summary.get("knn_top1"),
         "knn_top1_init": summary.get("knn_top1_init"),
         "linear_top1": summary.get("linear_top1"),
-        "mia_mse": mia["mse"],
-        "mia_psnr": mia["psnr"],
-        "mia_ssim": mia["ssim"],
+        "mia_mse": mia.get("mse"),
+        "mia_psnr": mia.get("psnr"),
+        "mia_ssim": mia.get("ssim"),
         "mia_mse_mean_image": mia.get("mse_mean_image"),
         "ol_ml_mean": sum(t["ol_ml"] for t in traj) / len(traj) if traj else None,
         "ol_ml_final": traj[-1]["ol_ml"] if traj else None,
@@ -297,10 +337,10 @@ def run_one(
         "steps": summary["steps"],
         "syncs": summary["syncs"],
         "wall_s": summary.get("wall_s"),
-        "attack_s": mia.get("train_s", t_attack),
+        "attack_s": mia.get("train_s", t_attack) if mia else None,
         "run_dir": str(run_dir.relative_to(out)),
     }
-    if baseline:
+    if baseline and attack_kw:
         b = baseline_cached(cfg, out / "baseline" / f"cut{cut}-seed{seed}", attack_kw, attack_device, seed)
         row.update({"mia_untrained_mse": b["mse"], "mia_untrained_psnr": b["psnr"], "mia_untrained_ssim": b["ssim"]})
     row["_elapsed"] = time.perf_counter() - t0
@@ -328,8 +368,21 @@ def _agg(rows: list[dict[str, Any]], method: str, key: str) -> tuple[list[int], 
                 by.setdefault(int(r["cut"]), []).append(v)
     cuts = sorted(by)
     means = [sum(by[c]) / len(by[c]) for c in cuts]
-    stds = [math.sqrt(sum((x - m) ** 2 for x in by[c]) / len(by[c])) for c, m in zip(cuts, means)]
+    # sample std (n - 1) over seeds; 0 for a single seed
+    stds = [math.sqrt(sum((x - m) ** 2 for x in by[c]) / (len(by[c]) - 1)) if len(by[c]) > 1 else 0.0 for c, m in zip(cuts, means)]
     return cuts, means, stds
+
+
+def _seeds_label(rows: list[dict[str, Any]], method: str) -> str:
+    """`` (n=2)`` or `` (n=1-3)``: seeds per cut behind a method's points."""
+    per_cut: dict[int, set[int]] = {}
+    for r in rows:
+        if r["method"] == method:
+            per_cut.setdefault(int(r["cut"]), set()).add(int(r["seed"]))
+    ns = sorted({len(v) for v in per_cut.values()})
+    if not ns:
+        return ""
+    return f" (n={ns[0]})" if len(ns) == 1 else f" (n={ns[0]}-{ns[-1]})"
 
 
 COLOURS = {"MonAcoSFL": "tab:blue", "MocoSFL": "tab:red"}
@@ -340,15 +393,65 @@ def _lines(ax, rows, key, methods, label_suffix="", **kw) -> None:  # noqa: ANN0
     for m in methods:
         cuts, mean, std = _agg(rows, m, key)
         if cuts:
-            ax.errorbar(cuts, mean, yerr=std if any(std) else None, label=f"{m}{label_suffix}", color=COLOURS[m], marker=MARKERS[m], capsize=3, **kw)
+            ax.errorbar(cuts, mean, yerr=std if any(std) else None, label=f"{m}{label_suffix}{_seeds_label(rows, m)}",
+                        color=COLOURS[m], marker=MARKERS[m], capsize=3, **kw)
 
 
 def _save(fig, path: Path) -> None:  # noqa: ANN001
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    """``path`` (PNG, 200 dpi) and the same figure as PDF beside it."""
     from mona_sfl.checkpoint import atomic_write_bytes
 
-    atomic_write_bytes(path, buf.getvalue())
+    for fmt, target in (("png", path), ("pdf", path.with_suffix(".pdf"))):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=200, bbox_inches="tight")
+        atomic_write_bytes(target, buf.getvalue())
+
+
+SEED_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+def plot_curves(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
+    """One figure per cut: kNN top-1 and online/momentum misalignment over steps, both methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pdir = out / "plots"
+    pdir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for c in sorted({int(r["cut"]) for r in rows}):
+        fig, axs = plt.subplots(1, 2, figsize=(12, 4.2))
+        drawn = False
+        for r in sorted((r for r in rows if int(r["cut"]) == c), key=lambda r: (r["method"], int(r["seed"]))):
+            run_dir = out / str(r["run_dir"])
+            marker = SEED_MARKERS[int(r["seed"]) % len(SEED_MARKERS)]
+            label = f"{r['method']}, seed {r['seed']}"
+            knn = read_rows(run_dir / "knn_curve.csv")
+            if knn:
+                axs[0].plot([int(t["step"]) for t in knn], [_num(t["knn_top1"]) for t in knn], color=COLOURS[r["method"]],
+                            marker=marker, markersize=4, alpha=0.85, label=label)
+                drawn = True
+            traj = read_rows(run_dir / "misalignment.csv")
+            if traj:
+                axs[1].plot([int(t["step"]) for t in traj], [max(_num(t["ol_ml"]), 1e-30) for t in traj], color=COLOURS[r["method"]],
+                            marker=marker, markersize=3, alpha=0.85, label=label)
+        if not drawn:
+            plt.close(fig)
+            continue
+        axs[0].set_ylabel("kNN top-1 (%)")
+        axs[1].set_ylabel("misalignment ol_ml (mean sq. diff.)")
+        axs[1].set_yscale("log")
+        for ax in axs:
+            ax.set_xlabel("training step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Learning curves at cut {c}")
+        fig.tight_layout()
+        _save(fig, pdir / f"curves_cut{c}.png")
+        plt.close(fig)
+        paths.append(pdir / f"curves_cut{c}.png")
+    return paths
 
 
 def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
@@ -385,6 +488,7 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     fig.suptitle("Accuracy vs cut layer")
     finish(fig, axs, "accuracy_vs_cut.png")
 
+    attacked = any(not math.isnan(_num(r.get("mia_ssim"))) for r in rows)
     # 2. attack vs cut
     fig, axs = plt.subplots(1, 3, figsize=(14, 4))
     for ax, key, lab in ((axs[0], "ssim", "attack SSIM (higher = less private)"), (axs[1], "mse", "attack MSE (higher = more private)"), (axs[2], "psnr", "attack PSNR (dB)")):
@@ -398,7 +502,10 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
                 ax.plot(cuts, mean, color="gray", linestyle=":", label="mean-image guess")
         ax.set_ylabel(lab)
     fig.suptitle("Model-inversion attack on the smashed activations vs cut layer")
-    finish(fig, axs, "attack_vs_cut.png")
+    if attacked:
+        finish(fig, axs, "attack_vs_cut.png")
+    else:
+        plt.close(fig)
 
     # 3. bytes vs cut
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -415,7 +522,9 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     fig.suptitle("Communication vs cut layer")
     finish(fig, [ax], "bytes_vs_cut.png")
 
-    # 4. trade-off
+    # 4. trade-off (needs the attack)
+    if not attacked:
+        return paths + plot_curves(out, rows)
     acc_key = "linear_top1" if any(not math.isnan(_num(r.get("linear_top1"))) for r in rows) else "knn_top1"
     fig, axs = plt.subplots(1, 2, figsize=(12, 4.5))
     totals = [_num(r["bytes_total"]) for r in rows]
@@ -484,7 +593,7 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     _save(fig, pdir / "misalignment.png")
     plt.close(fig)
     paths.append(pdir / "misalignment.png")
-    return paths
+    return paths + plot_curves(out, rows)
 
 
 # --------------------------------------------------------------------------- the study
@@ -508,6 +617,11 @@ def run_study(
     methods: Sequence[str] = tuple(METHODS),
     seeds: Sequence[int] = (0,),
     attack: dict[str, Any] | None = None,
+    no_attack: bool = False,
+    regime: str | None = None,
+    steps: int | None = None,
+    width: float | None = None,
+    curve_every: int | None = None,
     baseline: bool = False,
     quick: bool = False,
     threads: int | None = None,
@@ -517,21 +631,32 @@ def run_study(
 ) -> list[dict[str, Any]]:
     """Train, attack and count every (method, cut, seed) not yet in ``OUT/split_depth.csv``; returns all rows.
 
-    ``config``/``overrides`` are shared by every run (``quick`` puts :data:`QUICK_SET` first);
-    ``attack`` is :func:`attack_settings`'s dict; ``report`` receives one line per event.
+    ``config``/``overrides`` are shared by every run (``quick`` puts :data:`QUICK_SET` first,
+    ``regime`` puts :func:`mona_sfl.studies.regimes.regime_overrides` with ``steps``, ``width``
+    and ``curve_every`` next, the user's ``overrides`` win); ``attack`` is
+    :func:`attack_settings`'s dict (``no_attack`` skips the attack); ``report`` receives one
+    line per event. Besides the CSV: ``OUT/curves.csv`` (kNN and divergence over steps).
     """
+    from mona_sfl.studies.regimes import regime_overrides
+
+    if regime:
+        extra = regime_overrides(regime, steps=steps, width=width, curve_every=curve_every)
+    else:  # the same options on the config as it is
+        extra = [f"{k}={v}" for k, v in (("train.max_steps", steps), ("model.width", width), ("eval.every_steps", curve_every)) if v is not None]
     cuts = list(cuts) if cuts is not None else parse_ints(QUICK_CUTS if quick else ",".join(map(str, range(1, NUM_CUTS + 1))), "cuts")
     methods = [ALIASES.get(m.lower(), m) for m in methods]
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"unknown method '{m}': choose from MonAcoSFL (mona), MocoSFL (moco)")
-    base_overrides = (QUICK_SET if quick else []) + list(overrides)
+    if quick:  # --quick keeps its tiny queue and projector; a regime keeps its federation and schedule
+        extra = [o for o in extra if not o.startswith("algo.")]
+    base_overrides = (QUICK_SET if quick else []) + extra + list(overrides)
     config_path = resolve_config_path(config)
     base = load_config(config_path, base_overrides)  # validates the shared settings once
     for c in cuts:
         if not 1 <= c <= NUM_CUTS:
             raise ConfigError(f"--cuts: cut {c} is out of range: legal cut layers are 1..{NUM_CUTS}")
-    attack_kw = attack_settings(quick) if attack is None else attack
+    attack_kw = {} if no_attack else (attack_settings(quick) if attack is None else attack)
     threads = threads if threads is not None else (1 if quick else None)
     if threads is not None:
         if threads < 1:
@@ -560,14 +685,17 @@ def run_study(
         rows.append(row)
         done.add((m, c, s))
         write_rows(csv_path, rows)
+        write_curves(out, rows)
         lin = row.get("linear_top1")
+        mia = f", attack SSIM {row['mia_ssim']:.3f} MSE {row['mia_mse']:.4f}" if row.get("mia_ssim") is not None else ""
         report(
             f"{tag}: kNN {row['knn_top1']:.2f}%" + (f", linear {lin:.2f}%" if lin is not None else "")
-            + f", attack SSIM {row['mia_ssim']:.3f} MSE {row['mia_mse']:.4f}, {row['bytes_total'] / 2**20:.1f} MiB total, {elapsed:.1f} s"
+            + f"{mia}, {row['bytes_total'] / 2**20:.1f} MiB total, {elapsed:.1f} s"
         )
     if not csv_path.is_file():
         write_rows(csv_path, rows)
-    report(f"wrote CSV: {csv_path} ({len(rows)} rows) in {time.perf_counter() - t_start:.1f} s")
+    write_curves(out, rows)
+    report(f"wrote CSV: {csv_path} ({len(rows)} rows) and {out / 'curves.csv'} in {time.perf_counter() - t_start:.1f} s")
     if plots:
         sel = [r for r in rows if row_key(r)[0] in methods]
         if sel:

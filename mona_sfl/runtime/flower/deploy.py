@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mona_sfl.config import Config
+from mona_sfl.config import Config, ConfigError
 from mona_sfl.runtime.flower.certs import CA_CERT, SERVER_CERT, SERVER_KEY, CertError, node_key_paths
 from mona_sfl.runtime.flower.run_config import app_config_toml
 
@@ -137,8 +137,13 @@ def stop_tagged(tag: str, procs: list[subprocess.Popen[bytes]], grace_s: float =
 
 
 # ----------------------------------------------------------------------------- the app
-def write_app(app_dir: Path, cfg: Config, run_dir: Path) -> None:
-    """A minimal Flower app: its code is the installed mona_sfl package, so the FAB holds only pyproject.toml."""
+def write_app(app_dir: Path, cfg: Config, run_dir: Path, **app: Any) -> None:
+    """A minimal Flower app: its code is the installed mona_sfl package, so the FAB holds only pyproject.toml.
+
+    Every value of the run (the run folder ``out`` too, and the app keys ``app``) is written
+    here as an escaped TOML string, never spliced into a ``--run-config`` command-line string:
+    a folder name with quotes or spaces stays one value.
+    """
     app_dir.mkdir(parents=True, exist_ok=True)
     (app_dir / "pyproject.toml").write_text(
         "[build-system]\n"
@@ -153,9 +158,17 @@ def write_app(app_dir: Path, cfg: Config, run_dir: Path) -> None:
         "[tool.flwr.app.components]\n"
         'serverapp = "mona_sfl.runtime.flower.server_app:app"\n'
         'clientapp = "mona_sfl.runtime.flower.client_app:app"\n\n'
-        "[tool.flwr.app.config]\n" + app_config_toml(cfg, out=str(run_dir.resolve()), progress=True),
+        "[tool.flwr.app.config]\n" + app_config_toml(cfg, out=str(run_dir.resolve()), progress=True, **app),
         encoding="utf-8",
     )
+
+
+def check_out_name(run_dir: Path) -> None:
+    """ConfigError for a run folder name Flower's config cannot carry (bytes that are not UTF-8)."""
+    try:
+        str(run_dir).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"--out {str(run_dir)!r} holds bytes that are not UTF-8: choose a folder name of UTF-8 text") from None
 
 
 def write_connection(flwr_home: Path, port: int, ca: Path | None = None) -> None:
@@ -281,6 +294,7 @@ def deploy(
     if tls_dir is not None:
         check_tls_dir(Path(tls_dir), num_nodes if auth else 0)
     run_dir = Path(run_dir).resolve()
+    check_out_name(run_dir)
     tag = uuid.uuid4().hex
     own_tmp = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="mona-flwr-")) if work_dir is None else Path(work_dir)
@@ -329,7 +343,8 @@ def deploy(
         else:
             link_sec = ["--insecure"]
         write_connection(flwr_home, port := free_port(), None if tls is None else tls / CA_CERT)
-        write_app(app_dir, cfg, run_dir)
+        out_dir = run_dir if train else work / "probe"
+        write_app(app_dir, cfg, out_dir, **({"probe_mb": float(probe_mb)} if probe_mb > 0 else {}), **({} if train else {"probe_only": True}))
         link = start(
             "superlink",
             [_bin("flower-superlink"), *link_sec, "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
@@ -345,10 +360,8 @@ def deploy(
         if on_ready is not None:
             on_ready(running)
 
-        def flwr_run(name: str, expect: Path, run_config: str | None = None) -> dict[str, Any]:
-            args = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
-            if run_config:
-                args += ["--run-config", run_config]
+        def flwr_run(name: str, expect: Path) -> dict[str, Any]:
+            args = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]  # the run's values are in the app's pyproject.toml
             t0 = time.perf_counter()
             run = subprocess.run(args, env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
             out = run.stdout.decode(errors="replace")
@@ -360,10 +373,8 @@ def deploy(
             return json.loads(expect.read_text())
 
         if probe_mb > 0 or train:
-            out_dir = run_dir if train else work / "probe"
             expect = out_dir / ("summary.json" if train else "flower_probe.json")
-            rc = f'out="{out_dir}"' + (f" probe_mb={float(probe_mb)}" if probe_mb > 0 else "") + ("" if train else " probe_only=true")
-            done = flwr_run("train" if train else "probe", expect, rc)
+            done = flwr_run("train" if train else "probe", expect)
             if train:
                 result["summary"] = done
             if probe_mb > 0:

@@ -12,7 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from logging import INFO
+
 from flwr.app import Context
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from mona_sfl.checkpoint import default_run_dir
@@ -47,6 +50,10 @@ def run_trainer(
     from mona_sfl.engine import Trainer
 
     summary: dict[str, Any] = {}
+    if train and not resume:
+        from mona_sfl.checkpoint import check_new_run_dir
+
+        check_new_run_dir(Path(run_dir))  # never write a new run over another one (`flwr run` passes any out)
     if resume:
         trainer = Trainer.resume(run_dir, progress=progress, max_steps=max_steps, runtime=flower_runtime(grid))
         runtime = trainer.runtime
@@ -106,6 +113,8 @@ def make_server_app(cfg: Config | None = None, run_dir: str | Path | None = None
             out_dir = Path(out) if out else default_run_dir(run_cfg, "flower")
             summary = run_trainer(grid, run_cfg, out_dir, progress=prog, probe_mb=float(rc.get("probe_mb", 0.0)),
                                   train=not bool(rc.get("probe_only", False)), resume=res, max_steps=steps)
+            if "knn_top1" in summary:  # streamed by `flwr run --stream`
+                flwr_log(INFO, "mona-sfl: kNN top-1 %.2f%% after %s steps; run folder %s", summary["knn_top1"], summary.get("steps"), out_dir)
             if result is not None:
                 result["summary"] = summary
                 result["run_dir"] = str(out_dir)
