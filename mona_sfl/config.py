@@ -98,7 +98,12 @@ class FedConfig:
     num_clients: int = key(5, "clients")
     sample_ratio: float = key(1.0, "share of clients sampled per epoch (seeded): max(1, int(ratio x clients))")
     sync_every: int = key(0, "sync every N steps of an epoch (0 = only at epoch end); always at epoch end")
-    aggregation: str = key("fedavg", "how a sync merges the sampled clients' fronts")
+    aggregation: str = key("fedavg", "how a sync merges the sampled clients' fronts (docs/merging.md)")
+    axis_keep: float = key(0.1, "axis: kept share of each layer's rank (>= clients per sync keeps all = fedavg)")
+    interventions: bool = key(False, "after training, a mini-intervention per client of the last sync (docs/merging.md)")
+    intervention_rank: int = key(1, "interventions: rank r of W1, W2")
+    intervention_channels: int = key(64, "interventions: channels of the slice they edit, the first N (0 = all)")
+    intervention_steps: int = key(100, "interventions: Adam steps per client (lr 1e-3, batch 16)")
 
 
 @dataclass(frozen=True)
@@ -664,6 +669,10 @@ def validate(cfg: Config) -> None:
     _check(0 < f.sample_ratio <= 1, f"fed.sample_ratio must be in (0, 1], got {f.sample_ratio}")
     _check(int(f.sample_ratio * f.num_clients) >= 1, f"fed.sample_ratio={f.sample_ratio} with fed.num_clients={f.num_clients} samples zero clients per epoch: use a ratio of at least {1 / f.num_clients:.4g}")
     _check(f.sync_every >= 0, f"fed.sync_every must be >= 0 (0 = only at epoch end), got {f.sync_every}")
+    _check(f.intervention_rank >= 1, f"fed.intervention_rank must be >= 1, got {f.intervention_rank}")
+    _check(f.intervention_channels >= 0, f"fed.intervention_channels must be >= 0 (0 = all), got {f.intervention_channels}")
+    _check(f.intervention_steps >= 1, f"fed.intervention_steps must be >= 1, got {f.intervention_steps}")
+    _check(f.axis_keep > 0, f"fed.axis_keep must be > 0 (the kept share of each layer's rank, e.g. 0.1), got {f.axis_keep}")
 
     t = cfg.train
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")

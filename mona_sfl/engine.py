@@ -33,8 +33,9 @@ from mona_sfl.checkpoint import (
 )
 from mona_sfl.config import Config, dumps_toml, to_flat
 from mona_sfl.core import AGGREGATIONS
-from mona_sfl.core.sync import StateDict, sync_fronts
+from mona_sfl.core.sync import GlobalFronts, StateDict, sync_fronts
 from mona_sfl.eval.monitor import Monitor
+from mona_sfl.eval.personal import personalise
 from mona_sfl.interrupt import TrainingStopped, pause_point, rearm, set_active_run, stop_requested
 from mona_sfl.logs import RunLog, check_available
 from mona_sfl.runtime import RUNTIMES, AllClientsLost
@@ -126,8 +127,13 @@ class Trainer:
         self.server = build.build_server(cfg, self.device)
         front, _ = build.build_models(cfg)
         self.global_online: StateDict = {k: v.detach().clone() for k, v in front.state_dict().items()}
+        # the momentum fronts' last global (MonAcoSFL): the base AXIS merges momentum deltas from
+        self.global_momentum: StateDict = {k: v.detach().clone() for k, v in front.state_dict().items()}
+        # fed.interventions: the last sync's pre-merge online fronts, by client (personalised at the end)
+        self.premerge: dict[int, StateDict] = {}
+        self.interventions: dict[int, StateDict] = {}
         self.monitor = Monitor(cfg, self.train_data, self.test_data, front, self.device)
-        self.aggregate = AGGREGATIONS.get(cfg.fed.aggregation)
+        self.aggregate = AGGREGATIONS.get(cfg.fed.aggregation)(cfg.fed)
         if runtime is None:  # the config's runtime; in-process hosts reuse the data loaded here
             runtime = RUNTIMES.get(cfg.runtime)(cfg, train=self.train_data, parts=self.parts, device=self.device)
         elif not isinstance(runtime, ShardedRuntime):
@@ -187,6 +193,8 @@ class Trainer:
             "server": self.server.state_dict(),
             "clients": self.runtime.state_dict(),
             "global_online": self.global_online,
+            "global_momentum": self.global_momentum,
+            **({"premerge": self.premerge, "interventions": self.interventions} if self.cfg.fed.interventions else {}),
             "bytes": dict(self.runtime.bytes),
             "torch_rng": torch.get_rng_state(),
             # complete metrics.jsonl records that belong to this state (resume drops the rest)
@@ -205,6 +213,11 @@ class Trainer:
         self.server.load_state_dict(state["server"])
         self.runtime.load_state_dict(state["clients"])
         self.global_online = {k: v.to(self.device) for k, v in state["global_online"].items()}
+        # checkpoints written before the momentum base was kept: only AXIS reads it
+        self.global_momentum = {k: v.to(self.device) for k, v in state.get("global_momentum", state["global_online"]).items()}
+        if self.cfg.fed.interventions:
+            self.premerge = {int(c): {k: v.to(self.device) for k, v in sd.items()} for c, sd in state["premerge"].items()}
+            self.interventions = {int(c): dict(sd) for c, sd in state["interventions"].items()}
         self.runtime.bytes.update({k: int(v) for k, v in state["bytes"].items()})
         torch.set_rng_state(state["torch_rng"])
 
@@ -243,15 +256,29 @@ class Trainer:
             return self.monitor.linear(self.global_online, self.server.online)
 
     # ------------------------------------------------------------------ sync
-    def sync(self, pool: list[int]) -> dict[str, float]:
-        """The sampled clients' fronts merged (MonAcoSFL: momentum fronts aligned too) and loaded into every client."""
+    def sync(self, pool: list[int]) -> dict[str, Any]:
+        """The sampled clients' fronts merged (MonAcoSFL: momentum fronts aligned too) and loaded
+        into every client; returns the step record's sync entries (divergence metrics, and what
+        the aggregation reports: e.g. AXIS's kept energy, with its per-layer detail)."""
         fronts = self.runtime.fronts(pool)
         pause_point("sync", self.global_step)
-        result = sync_fronts([fronts[c] for c in pool if c in fronts], align=self.cfg.algo.align_momentum, aggregate=self.aggregate)
+        if self.cfg.fed.interventions:  # references into live clients: copies, before the merge is loaded
+            self.premerge = {c: {k: v.detach().clone() for k, v in fronts[c][0].items()} for c in pool if c in fronts}
+        result = sync_fronts(
+            [fronts[c] for c in pool if c in fronts],
+            align=self.cfg.algo.align_momentum,
+            aggregate=self.aggregate,
+            base=GlobalFronts(self.global_online, self.global_momentum),
+        )
         self.runtime.load(result.fronts)
         self.global_online = result.fronts.online
+        if result.fronts.momentum is not None:
+            self.global_momentum = result.fronts.momentum
         self.syncs += 1
-        return result.stats
+        record: dict[str, Any] = dict(result.stats)
+        for name, layers in result.layers.items():
+            record[f"layers_{name}"] = layers
+        return record
 
     # ------------------------------------------------------------------ main loop
     def _alive(self, pool: list[int]) -> list[int]:
@@ -391,6 +418,18 @@ class Trainer:
             "bytes_down": self.runtime.bytes["down"],
             "bytes_sync": self.runtime.bytes["sync"],
         }
+        if cfg.fed.interventions and self.premerge:
+            t0 = time.perf_counter()
+            with threads(cfg.train.server_threads):
+                rows, self.interventions = personalise(
+                    cfg, self.monitor, self.server.online, self.global_online, self.premerge, self.train_data, self.parts
+                )
+            summary["personal"] = rows
+            for key in ("knn_merged", "knn_intervened", "knn_own"):
+                vals = [r[key] for r in rows if key in r]
+                if vals:
+                    summary[f"personal_{key}"] = sum(vals) / len(vals)
+            summary["personal_s"] = time.perf_counter() - t0
         if cfg.eval.linear:
             signum = stop_requested()
             if signum is not None:  # before the (long) linear probe

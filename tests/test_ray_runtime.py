@@ -159,6 +159,20 @@ def test_mocosfl_with_client_sampling_equals_local(tmp_path: Path, reference: di
     assert s["bytes_up"] == 6 * 2 * activation_bytes(cfg)
 
 
+def test_axis_aggregation_on_ray_equals_local(tmp_path: Path, cluster: dict[str, Any]) -> None:
+    """fed.aggregation=axis: the merge is the engine's, so Ray gives local's numbers exactly
+    (all but the seconds the merges took)."""
+    extra = ("fed.aggregation=axis", "fed.axis_keep=0.2")
+    train(tiny_cfg("runtime=local", *extra), tmp_path / "local")
+    train(tiny_cfg("runtime=ray", *extra), tmp_path / "ray")
+    timed = ("merge_s", "merge_s_m")
+    loc, ray_ = ([{k: v for k, v in r.items() if k not in timed} for r in step_records(tmp_path / d)] for d in ("local", "ray"))
+    assert ray_ == loc and any("kept_energy" in r for r in ray_)
+    a, b = load_checkpoint(tmp_path / "local"), load_checkpoint(tmp_path / "ray")
+    for key in ("global_online", "global_momentum"):
+        assert_same(a[key], b[key], key)
+
+
 # ---------------------------------------------------------------------------- faults
 
 

@@ -1,4 +1,4 @@
-"""The command line: ``mona-sfl train | config | plot | compare | attack | comm | study | deploy-local | flwr-run | certs``.
+"""The command line: ``mona-sfl train | config | plot | compare | attack | comm | study | deploy-local | flwr-run | certs | transfer``.
 
 Every command takes its settings the same way: ``--config FILE|NAME`` (a file, or a bundled
 config name; default: the bundled ``default``) and ``--set key=value`` (repeatable). Library
@@ -36,6 +36,7 @@ COMMANDS = {
     "deploy-local": "mona_sfl.cli.deploy",
     "flwr-run": "mona_sfl.cli.flwr_run",
     "certs": "mona_sfl.cli.certs",
+    "transfer": "mona_sfl.cli.transfer",
 }
 
 

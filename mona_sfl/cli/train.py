@@ -99,4 +99,9 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     print(f"kNN top-1 accuracy: {summary['knn_top1']:.2f}% ({init_txt}chance {chance:.2f}%)")
     if "linear_top1" in summary:
         print(f"linear probe top-1 accuracy: {summary['linear_top1']:.2f}%")
+    if summary.get("personal"):
+        print("personalised kNN top-1 on each client's own classes (merged front / + intervention / own front; extra parameters):")
+        for r in summary["personal"]:
+            accs = " / ".join(f"{r[k]:.2f}%" if k in r else "-" for k in ("knn_merged", "knn_intervened", "knn_own"))
+            print(f"  client {r['client']}: {accs}; +{r['extra_params']:,} parameters on a {r['front_params']:,}-parameter front")
     print(f"steps {summary['steps']}, {summary['images_per_s']:.1f} images/s, {summary['wall_s']:.1f} s; run folder: {run_dir}")

@@ -11,7 +11,11 @@ from mona_sfl.registry import Choices, Registry
 #: ``algo.symmetric``: ``client`` ([x1; x2] / [x2; x1] doubling on the client, reference default),
 #: ``original`` (MocoSFL's two-term loss), ``none``.
 SYMMETRIC = Choices("algo.symmetric", ("client", "original", "none"))
-#: ``fed.aggregation``: how the sampled clients' fronts are merged at a sync.
-AGGREGATIONS = Registry("fed.aggregation", {"fedavg": "mona_sfl.core.sync:fedavg"})
+#: ``fed.aggregation``: how the sampled clients' fronts are merged at a sync; each target is a
+#: function of the config's ``fed`` section returning the aggregate (``mona_sfl.core.merge``).
+AGGREGATIONS = Registry(
+    "fed.aggregation",
+    {"fedavg": "mona_sfl.core.merge:fedavg_aggregation", "axis": "mona_sfl.core.merge:axis_aggregation"},
+)
 
 __all__ = ["AGGREGATIONS", "SYMMETRIC"]

@@ -3,8 +3,11 @@
 :func:`sync_fronts` is the whole step. It merges the online fronts (``aggregate``: FedAvg by
 default, ``fed.aggregation``), and, for MonAcoSFL, :func:`align_momentum` merges the momentum
 fronts the same way so that every client leaves the sync with its momentum front equal to
-the merged one (MocoSFL keeps each client's own momentum front). It also computes the
-divergence metrics the reference logs at every sync. *When* to sync is the schedule's
+the merged one (MocoSFL keeps each client's own momentum front). An aggregation may
+need the last global fronts (AXIS merges deltas from them: :mod:`mona_sfl.core.merge`);
+``sync_fronts(..., base=)`` hands it the online base for the online fronts and the momentum
+base for the momentum fronts. It also computes the divergence metrics the reference logs
+at every sync. *When* to sync is the schedule's
 business (:mod:`mona_sfl.core.schedule`); moving fronts is the runtime's.
 
 Pure functions on state dicts.
@@ -18,7 +21,21 @@ from dataclasses import dataclass, field
 import torch
 
 StateDict = dict[str, torch.Tensor]
-Aggregate = Callable[[list[StateDict]], StateDict]
+
+
+@dataclass
+class Merge:
+    """What an aggregation that reports on its work returns: the merged state, numbers for the
+    sync's step record (``stats``) and per-layer detail (``layers``: key -> number)."""
+
+    state: StateDict
+    stats: dict[str, float] = field(default_factory=dict)
+    layers: dict[str, float] = field(default_factory=dict)
+
+
+#: ``aggregate(state_dicts, base)``: merge the sources (``base``: the fronts they started from
+#: at the last sync, or None) into one state dict, or a :class:`Merge` with its report.
+Aggregate = Callable[[list[StateDict], StateDict | None], StateDict | Merge]
 
 
 @dataclass
@@ -44,8 +61,9 @@ class GlobalFronts:
 @dataclass
 class SyncResult:
     fronts: GlobalFronts  # what every client loads
-    stats: dict[str, float] = field(default_factory=dict)  # divergence metrics (``divergence``)
+    stats: dict[str, float] = field(default_factory=dict)  # divergence metrics (``divergence``), the aggregation's stats
     clients: int = 0  # how many clients' fronts were merged
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)  # the aggregation's per-layer detail ("online", "momentum")
 
 
 def state_bytes(sd: StateDict) -> int:
@@ -53,10 +71,11 @@ def state_bytes(sd: StateDict) -> int:
     return sum(int(t.numel()) * t.element_size() for t in sd.values())
 
 
-def fedavg(state_dicts: list[StateDict]) -> StateDict:
+def fedavg(state_dicts: list[StateDict], base: StateDict | None = None) -> StateDict:
     """Unweighted mean of state dicts, summed in list order (exact and order-defined).
 
     Integer entries (e.g. BatchNorm's ``num_batches_tracked``) are averaged and rounded down.
+    ``base`` is ignored: the mean does not depend on where the sources started.
     """
     if not state_dicts:
         raise ValueError("fedavg needs at least one state dict")
@@ -81,35 +100,60 @@ def fedavg(state_dicts: list[StateDict]) -> StateDict:
     return out
 
 
-def align_momentum(momentum_fronts: list[StateDict], aggregate: Aggregate = fedavg) -> StateDict:
+def align_momentum(
+    momentum_fronts: list[StateDict], aggregate: Aggregate = fedavg, base: StateDict | None = None
+) -> StateDict | Merge:
     """MonAcoSFL's momentum alignment: merge the momentum fronts as the online ones are merged.
 
     The EMA is linear in the online trajectory, so the mean of the clients' momentum fronts is
     the EMA of the averaged online trajectory; loading it into every client keeps each
-    client's momentum front aligned with the merged online front after the sync.
+    client's momentum front aligned with the merged online front after the sync. ``base``:
+    the momentum fronts' last global (for aggregations that merge deltas).
     """
-    return aggregate(momentum_fronts)
+    return aggregate(momentum_fronts, base)
+
+
+def _unpack(result: StateDict | Merge, suffix: str, stats: dict[str, float], layers: dict[str, dict[str, float]], name: str) -> StateDict:
+    if not isinstance(result, Merge):
+        return result
+    stats.update({f"{k}{suffix}": v for k, v in result.stats.items()})
+    if result.layers:
+        layers[name] = dict(result.layers)
+    return result.state
 
 
 def sync_fronts(
-    fronts: list[tuple[StateDict, StateDict]], *, align: bool, aggregate: Aggregate = fedavg
+    fronts: list[tuple[StateDict, StateDict]],
+    *,
+    align: bool,
+    aggregate: Aggregate = fedavg,
+    base: GlobalFronts | None = None,
 ) -> SyncResult:
     """The sync over the sampled clients' (online, momentum) fronts, in pool order.
 
     Returns what every client loads (the merged online front, and under MonAcoSFL,
-    ``align=True``, the aligned momentum front) and the divergence metrics.
+    ``align=True``, the aligned momentum front), the divergence metrics, and what the
+    aggregation reports (its stats, momentum ones suffixed ``_m``). ``base``: the fronts
+    every client loaded at the last sync (the initial ones before any); the online fronts are
+    merged against ``base.online``, the momentum fronts against ``base.momentum``.
     """
     if not fronts:
         raise ValueError("a sync needs the fronts of at least one client")
     online = [o for o, _ in fronts]
     momentum = [m for _, m in fronts]
-    merged = aggregate(online)
-    loaded_momentum = align_momentum(momentum, aggregate) if align else None
+    extra: dict[str, float] = {}
+    layers: dict[str, dict[str, float]] = {}
+    merged = _unpack(aggregate(online, base.online if base is not None else None), "", extra, layers, "online")
+    loaded_momentum = None
+    if align:
+        mbase = base.momentum if base is not None else None
+        loaded_momentum = _unpack(align_momentum(momentum, aggregate, mbase), "_m", extra, layers, "momentum")
     # the divergence metrics are defined against the plain means, whatever the aggregation
     mean_online = merged if aggregate is fedavg else fedavg(online)
     mean_momentum = loaded_momentum if (aggregate is fedavg and loaded_momentum is not None) else fedavg(momentum)
     stats = divergence(online, momentum, mean_online, mean_momentum)
-    return SyncResult(GlobalFronts(merged, loaded_momentum), stats, len(fronts))
+    stats.update(extra)
+    return SyncResult(GlobalFronts(merged, loaded_momentum), stats, len(fronts), layers)
 
 
 def _sq_dist(a: StateDict, b: StateDict) -> tuple[float, int]:
@@ -142,4 +186,4 @@ def divergence(
     return {name: v / k for name, v in vals.items()}
 
 
-__all__ = ["GlobalFronts", "StateDict", "SyncResult", "align_momentum", "divergence", "fedavg", "state_bytes", "sync_fronts"]
+__all__ = ["Aggregate", "GlobalFronts", "Merge", "StateDict", "SyncResult", "align_momentum", "divergence", "fedavg", "state_bytes", "sync_fronts"]

@@ -46,8 +46,8 @@ class Monitor:
         self.bank, self.test = eval_sets(cfg, train, test)
         self.num_classes = len(train.classes)
 
-    def _encoder(self, server: "ServerNet", kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        front = self.front
+    def _encoder(self, server: "ServerNet", kind: str, front: nn.Module | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        front = self.front if front is None else front
 
         def encode(x: torch.Tensor) -> torch.Tensor:
             a = front(x)
@@ -60,17 +60,29 @@ class Monitor:
         """(bank features, bank labels, test features, test labels) of the encoder; ``kind`` is
         ``projector`` (L2-normalised projector output) or ``backbone`` (pooled features)."""
         self.front.load_state_dict(front_state)
+        return self.module_features(self.front, server, kind)
+
+    @torch.no_grad()
+    def module_features(self, front: nn.Module, server: "ServerNet", kind: str, test: "ImageData | None" = None) -> tuple[torch.Tensor, ...]:
+        """:meth:`features` of the encoder ``front -> server`` for any front module (e.g. a
+        front followed by an intervention); ``test`` replaces the evaluation test set."""
         was = server.training
-        self.front.eval()
+        front.eval()
         server.eval()
         try:
-            enc = self._encoder(server, kind)
-            bs, bank, test = self.cfg.eval.batch_size, self.bank, self.test
+            enc = self._encoder(server, kind, front)
+            bs, bank, test = self.cfg.eval.batch_size, self.bank, self.test if test is None else test
             fb = extract_features(enc, bank.images, mean=bank.mean, std=bank.std, batch_size=bs, device=self.device)
             ft = extract_features(enc, test.images, mean=bank.mean, std=bank.std, batch_size=bs, device=self.device)
         finally:
             server.train(was)
         return fb, bank.labels, ft, test.labels
+
+    def knn_module(self, front: nn.Module, server: "ServerNet", test: "ImageData | None" = None) -> float:
+        """kNN accuracy of ``front -> server`` (``test``: another test set, e.g. one client's classes)."""
+        e = self.cfg.eval
+        fb, lb, ft, lt = self.module_features(front, server, e.knn_features, test)
+        return knn_accuracy(fb, lb, ft, lt, self.num_classes, k=e.knn_k, t=e.knn_t)
 
     def knn(self, front_state: dict[str, torch.Tensor], server: "ServerNet") -> float:
         e = self.cfg.eval
