@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mona_sfl.core import AGGREGATIONS, SYMMETRIC
-from mona_sfl.core.batched import CLIENT_BATCHING
-from mona_sfl.core.schedule import CLIENT_SCHEDULES
+from mona_sfl.core.schedule import CLIENT_BATCHING, CLIENT_SCHEDULES
 from mona_sfl.data import DATASETS, MIN_SYNTHETIC_SIZE, PARTITIONS
 from mona_sfl.errors import ConfigError
 from mona_sfl.eval import KNN_FEATURES

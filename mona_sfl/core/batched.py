@@ -38,12 +38,8 @@ from torch.func import functional_call
 
 from mona_sfl.core.client import Activations, ClientWorker, make_inputs
 from mona_sfl.core.moco import ema_update_tensors
-from mona_sfl.core.schedule import client_step_lr
+from mona_sfl.core.schedule import CLIENT_BATCHING, client_step_lr
 from mona_sfl.errors import ConfigError
-from mona_sfl.registry import Choices
-
-#: ``train.client_batching``: ``off`` (one client after another) or ``on`` (one batched pass).
-CLIENT_BATCHING = Choices("train.client_batching", ("off", "on"))
 
 _PLAIN = (nn.Sequential, nn.ReLU, nn.ReLU6, nn.Identity)
 
