@@ -106,6 +106,8 @@ class BatchedClients:
         self.stat_names = [k for k, b in buffers.items() if b.dim() > 0]  # BatchNorm running statistics
         self.count_names = [k for k, b in buffers.items() if b.dim() == 0]  # BatchNorm batch counters
         self._stacked: dict[int, nn.Module] = {}
+        # a live front's (parameters, buffers by name), looked up once per epoch, not per pass
+        self._members: dict[int, tuple[nn.Module, list[torch.Tensor], dict[str, torch.Tensor]]] = {}
         self.graphs: dict[int, _Graph] = {}  # client id -> the graph holding its last forward
         stack_front(template, 1)  # refuse an unsupported front now, not at the first step
 
@@ -117,10 +119,22 @@ class BatchedClients:
         return self._stacked[n]
 
     # ---------------------------------------------------------------- gathering
-    @staticmethod
-    def _tensors(mods: Sequence[nn.Module], names: list[str], buffers: bool = False) -> dict[str, list[torch.Tensor]]:
-        per = [dict(m.named_buffers()) if buffers else dict(m.named_parameters()) for m in mods]
-        return {k: [d[k] for d in per] for k in names}
+    def params(self, m: nn.Module) -> list[torch.Tensor]:
+        """``list(m.parameters())``, in :attr:`param_names` order (cached until :meth:`clear`)."""
+        return self._lookup(m)[1]
+
+    def _lookup(self, m: nn.Module) -> tuple[nn.Module, list[torch.Tensor], dict[str, torch.Tensor]]:
+        got = self._members.get(id(m))
+        if got is None or got[0] is not m:
+            got = self._members[id(m)] = (m, list(m.parameters()), dict(m.named_buffers()))
+        return got
+
+    def _tensors(self, mods: Sequence[nn.Module], names: list[str], buffers: bool = False) -> dict[str, list[torch.Tensor]]:
+        if buffers:
+            per = [self._lookup(m)[2] for m in mods]
+            return {k: [d[k] for d in per] for k in names}
+        lists = [self._lookup(m)[1] for m in mods]
+        return {k: [ps[i] for ps in lists] for i, k in enumerate(names)}
 
     def _run(self, mods: Sequence[nn.Module], x: torch.Tensor, *, grad: bool, keep_stats: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One pass of the n fronts ``mods`` on the stacked input ``x``. Returns the output and
@@ -156,7 +170,7 @@ class BatchedClients:
         hp = workers[0].hp
         # EMA of the momentum fronts first, as ClientWorker.forward does
         ema_update_tensors(
-            [p for w in workers for p in w.momentum.parameters()], [p.detach() for w in workers for p in w.online.parameters()], hp.m
+            [p for w in workers for p in self.params(w.momentum)], [p.detach() for w in workers for p in self.params(w.online)], hp.m
         )
         inputs = [make_inputs(x1, x2, hp.symmetric) for x1, x2 in views]
         result: dict[int, Activations] = {}
@@ -217,7 +231,7 @@ class BatchedClients:
             self.graphs.pop(w.client_id, None)
         stacked = torch.autograd.grad(g.out, g.params, full.reshape(g.out.shape), retain_graph=bool(g.waiting))
         per = [t.chunk(n) for t in stacked]
-        sgd_step(ws, [[c[where[w.client_id]] for c in per] for w in ws])
+        sgd_step(ws, [[c[where[w.client_id]] for c in per] for w in ws], [self.params(w.online) for w in ws])
 
     def drop(self, cid: int) -> None:
         g = self.graphs.pop(cid, None)
@@ -226,6 +240,7 @@ class BatchedClients:
 
     def clear(self) -> None:
         self.graphs.clear()
+        self._members.clear()
 
 
 def _groups(keys: Sequence[object]) -> list[list[int]]:
@@ -237,18 +252,18 @@ def _groups(keys: Sequence[object]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def sgd_step(workers: Sequence[ClientWorker], grads: Sequence[Sequence[torch.Tensor]]) -> None:
+def sgd_step(workers: Sequence[ClientWorker], grads: Sequence[Sequence[torch.Tensor]], params_of: Sequence[list[torch.Tensor]]) -> None:
     """One ``torch.optim.SGD`` step of each worker's optimizer with ``grads[i]`` (its
-    parameters' gradients, in order), as ``ClientWorker.backward`` takes it: the reference
+    parameters' gradients, in the order of ``params_of[i]``, its parameters), as
+    ``ClientWorker.backward`` takes it: the reference
     schedule's per-step LR, weight decay, momentum buffers kept in the optimizer's state."""
     hp = workers[0].hp
     params: list[torch.Tensor] = []
     d_p: list[torch.Tensor] = []
     lrs: list[float] = []
     states: list[dict] = []
-    for w, gs in zip(workers, grads):
+    for w, gs, ps in zip(workers, grads, params_of):
         w._set_lr(client_step_lr(hp.schedule, hp.lr, w.steps, hp.epochs))
-        ps = list(w.online.parameters())
         for p, gr in zip(ps, gs, strict=True):
             p.grad = gr  # as after the per-client backward
         params += ps
