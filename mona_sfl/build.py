@@ -113,6 +113,7 @@ def client_hparams(cfg: Config) -> ClientHParams:
         symmetric=cfg.algo.symmetric,
         schedule=cfg.train.client_schedule,
         epochs=cfg.train.epochs,
+        batching=cfg.train.client_batching,
     )
 
 

@@ -280,3 +280,16 @@ def test_unreachable_address_fails_fast() -> None:
     with pytest.raises(ConfigError, match="not a Ray address"):
         check_address("nonsense")
     check_address("auto")  # resolved by Ray itself
+
+
+def test_batched_clients_in_an_actor_equal_local(tmp_path: Path, cluster: dict[str, Any]) -> None:
+    """train.client_batching=on inside a Ray actor: bit-identical to the in-process host with
+    batching on (one actor holds all clients, as the local host does: grouped convolutions
+    over different sets of clients round differently)."""
+    cfg = ("train.client_batching=on", "ray.num_actors=1", "fed.sample_ratio=0.67")
+    train(tiny_cfg("runtime=local", *cfg), tmp_path / "local")
+    train(tiny_cfg("runtime=ray", *cfg), tmp_path / "ray")
+    assert step_records(tmp_path / "ray") == step_records(tmp_path / "local")
+    a, b = load_checkpoint(tmp_path / "local"), load_checkpoint(tmp_path / "ray")
+    for key in ("server", "global_online", "clients"):
+        assert_same(a[key], b[key], key)

@@ -30,6 +30,7 @@ class ClientHParams:
     symmetric: str = "client"  # client | original | none
     schedule: str = "epoch"  # epoch | reference
     epochs: int = 200  # cosine period (T_max)
+    batching: str = "off"  # off: one client after another | on: one batched pass (mona_sfl.core.batched)
 
 
 @dataclass

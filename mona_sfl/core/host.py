@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mona_sfl.core.batched import CLIENT_BATCHING, BatchedClients
 from mona_sfl.core.client import Activations, ClientHParams, ClientWorker
 from mona_sfl.core.sync import GlobalFronts, StateDict
 
@@ -63,9 +64,14 @@ class ClientHost:
     aligned: bool = False  # the last sync handed out a merged momentum front (MonAcoSFL)
     # draw index of each live client's last forward whose backward is still due
     pending: dict[int, int] = field(default_factory=dict)
+    # hp.batching = "on": the live clients' forwards and backwards as one batched pass
+    batched: BatchedClients | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.template = self.template.to(self.device)
+        CLIENT_BATCHING.check(self.hp.batching)
+        if self.hp.batching == "on":
+            self.batched = BatchedClients(self.template)
         self.global_online = _clone_sd(self.template.state_dict())
         self.global_momentum = _clone_sd(self.template.state_dict())
 
@@ -115,6 +121,8 @@ class ClientHost:
                 self.records[cid] = rec
         self.live.clear()
         self.pending.clear()
+        if self.batched is not None:
+            self.batched.clear()
 
     def follow(self, epoch: int, live: list[int]) -> None:
         """Follow the server's epoch boundaries (a host rebuilt per message hears of them late):
@@ -127,6 +135,8 @@ class ClientHost:
     def step(self, grads: dict[int, torch.Tensor], forward: list[int]) -> dict[int, Activations]:
         """Backward of step t for ``grads`` (client id -> dL/da_q), then the forward of step t+1
         for the clients in ``forward``; returns their activations."""
+        if self.batched is not None:
+            return self._batched_step(self.batched, grads, forward)
         for cid, g in grads.items():
             w = self.live[cid]
             views = None if w.has_graph else self._views(cid)
@@ -139,6 +149,22 @@ class ClientHost:
             x1, x2 = stream.next()  # type: ignore[attr-defined]
             out[cid] = self.live[cid].forward(x1.to(self.device, non_blocking=True), x2.to(self.device, non_blocking=True))
         return out
+
+    def _batched_step(self, batched: BatchedClients, grads: dict[int, torch.Tensor], forward: list[int]) -> dict[int, Activations]:
+        """:meth:`step` as one batched pass (``train.client_batching = "on"``)."""
+        ids = list(grads)
+        recompute = {cid: self._views(cid) for cid in ids if cid not in batched.graphs}
+        batched.backward([self.live[cid] for cid in ids], [grads[cid].to(self.device) for cid in ids], recompute)
+        for cid in ids:
+            self.pending.pop(cid, None)
+        views = []
+        for cid in forward:
+            stream = self.streams[cid]
+            self.pending[cid] = int(stream.draws)  # type: ignore[attr-defined]
+            x1, x2 = stream.next()  # type: ignore[attr-defined]
+            views.append((x1.to(self.device, non_blocking=True), x2.to(self.device, non_blocking=True)))
+        acts = batched.forward([self.live[cid] for cid in forward], views)
+        return dict(zip(forward, acts))
 
     def _views(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views of the client's last forward, regenerated from its stream."""
@@ -157,6 +183,8 @@ class ClientHost:
         """Forget a lost client's pending graph (the client stays in the host)."""
         if cid in self.live:
             self.live[cid].drop_graph()
+        if self.batched is not None:
+            self.batched.drop(cid)
         self.pending.pop(cid, None)
 
     # ---------------------------------------------------------------- sync
@@ -205,6 +233,8 @@ class ClientHost:
 
     def load_state_dict(self, state: dict) -> None:
         self.live.clear()
+        if self.batched is not None:
+            self.batched.clear()
         self.global_online = _clone_sd(state["global_online"])
         self.global_momentum = _clone_sd(state["global_momentum"])
         self.aligned = bool(state.get("aligned", False))

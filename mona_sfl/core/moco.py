@@ -66,6 +66,12 @@ def ema_update(momentum: nn.Module, online: nn.Module, m: float) -> None:
     op = [p.detach() for p in online.parameters()]
     if len(mp) != len(op):
         raise ValueError("ema_update: online and momentum models have different parameter lists")
+    ema_update_tensors(mp, op, m)
+
+
+@torch.no_grad()
+def ema_update_tensors(mp: list[torch.Tensor], op: list[torch.Tensor], m: float) -> None:
+    """mp[i] <- m * mp[i] + (1 - m) * op[i] for matching lists of tensors (any number of fronts at once)."""
     if m == 1.0:
         return
     if m == 0.0:

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 #: ``train.client_schedule``: ``epoch`` (cosine over epochs) or ``reference`` (per-step periodic cosine).
 CLIENT_SCHEDULES = Choices("train.client_schedule", ("epoch", "reference"))
+#: ``train.client_batching``: a host's clients ``off`` one after another, ``on`` as one batched
+#: pass (:mod:`mona_sfl.core.batched`); the same schedule either way.
+CLIENT_BATCHING = Choices("train.client_batching", ("off", "on"))
 
 
 def cosine_lr(base: float, t: float, t_max: int) -> float:
@@ -219,4 +222,4 @@ class SyncLedger:
         self.seen = [int(seen.get(str(c), self.syncs)) for c in range(len(self.seen))]
 
 
-__all__ = ["CLIENT_SCHEDULES", "Schedule", "SyncLedger", "client_epoch_lr", "client_step_lr", "cosine_lr", "server_lr", "sample_clients", "epoch_length", "syncs_in"]
+__all__ = ["CLIENT_BATCHING", "CLIENT_SCHEDULES", "Schedule", "SyncLedger", "client_epoch_lr", "client_step_lr", "cosine_lr", "server_lr", "sample_clients", "epoch_length", "syncs_in"]
