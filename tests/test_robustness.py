@@ -486,3 +486,12 @@ def test_a_read_only_run_folder_is_refused_before_any_work(small_disk: Path, sto
     assert f"cannot write in run folder {run} (Read-only file system): --resume needs a writable folder" in capsys.readouterr().err
     assert main(["attack", str(run), "--epochs", "1000000"]) == 2  # refused at once, not after training the decoder
     assert f"cannot write in run folder {run} (Read-only file system): the attack needs a writable folder" in capsys.readouterr().err
+
+
+def test_activations_rejected_does_not_advise_a_resume_that_repeats_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--quiet", "--out", str(run), *sets("train.lr=1e30", "train.max_steps=4")]) == 1  # weights overflow
+    err = capsys.readouterr().err
+    assert "no valid client activations in this step" in err and "non-finite" in err
+    assert "a --resume would repeat the same step and fail the same way: start a new run" in err
+    assert "continue with: mona-sfl train --resume" not in err and "Traceback" not in err
