@@ -401,6 +401,14 @@ def test_a_yaml_alias_bomb_is_refused(tmp_path: Path) -> None:
         load_config(tmp_path / "big.toml")
 
 
+def test_an_untrained_attack_does_not_write_into_a_run_folder(stopped_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = copy_run(stopped_run, tmp_path / "run")
+    before = tree(run)
+    assert main(["attack", "--config", str(run / "config.toml"), "--out", str(run), "--epochs", "1"]) == 2
+    assert f"--out {run} holds a training run" in capsys.readouterr().err
+    assert tree(run) == before
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
