@@ -503,3 +503,15 @@ def test_activations_rejected_does_not_advise_a_resume_that_repeats_it(tmp_path:
     assert "no valid client activations in this step" in err and "non-finite" in err
     assert "a --resume would repeat the same step and fail the same way: start a new run" in err
     assert "continue with: mona-sfl train --resume" not in err and "Traceback" not in err
+
+
+def test_a_study_does_not_write_a_run_folder_another_process_holds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "study" / "runs" / "mona-cut2-seed0"
+    holder = hold_lock(run_dir)  # e.g. a `train --resume` of that run
+    try:
+        assert main(["study", "--quick", "--cuts", "2", "--methods", "MonAcoSFL", "--out", str(tmp_path / "study"), "--no-plots"]) == 2
+        assert f"run folder {run_dir} is in use by another mona-sfl process (pid {holder.pid})" in capsys.readouterr().err
+        assert os.listdir(run_dir) == []
+    finally:
+        holder.kill()
+        holder.wait()
