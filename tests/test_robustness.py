@@ -184,6 +184,13 @@ def test_links_out_of_or_back_into_the_tree_are_not_followed(tmp_path: Path) -> 
     assert data.classes == ["a", "b", "c"] and data.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
+def test_a_pipe_named_like_an_image_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    root = class_tree(tmp_path / "data")
+    os.mkfifo(root / "b" / "pipe.png")
+    with pytest.raises(DataError, match=r"pipe.png' is not a regular file"):
+        load(root)
+
+
 def test_sixteen_bit_and_every_pil_mode_load_with_correct_values(tmp_path: Path) -> None:
     root = tmp_path / "data"
     (root / "g").mkdir(parents=True)
