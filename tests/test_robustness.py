@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mona_sfl.checkpoint import lock_run_dir, read_metrics
+from mona_sfl.checkpoint import read_metrics
 from mona_sfl.cli import main
 from mona_sfl.config import ConfigError, load_config
 from mona_sfl.data.datasets import load_dataset
@@ -125,6 +125,8 @@ def test_two_new_runs_into_one_folder_at_once(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_the_lock_leaves_no_file_and_a_failed_new_run_leaves_no_folder(tmp_path: Path) -> None:
+    from mona_sfl.checkpoint import lock_run_dir
+
     with lock_run_dir(tmp_path / "a" / "b"):
         assert os.listdir(tmp_path / "a" / "b") == []
     assert os.listdir(tmp_path / "a" / "b") == []
@@ -135,6 +137,8 @@ def test_the_lock_leaves_no_file_and_a_failed_new_run_leaves_no_folder(tmp_path:
 
 
 def test_in_process_second_lock_is_refused(tmp_path: Path) -> None:
+    from mona_sfl.checkpoint import lock_run_dir
+
     with lock_run_dir(tmp_path):
         with pytest.raises(CheckpointError, match=f"pid {os.getpid()}"):
             with lock_run_dir(tmp_path):
