@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mona_sfl.checkpoint import lock_run_dir, read_metrics
+from mona_sfl.checkpoint import read_metrics
 from mona_sfl.cli import main
 from mona_sfl.config import ConfigError, load_config
 from mona_sfl.data.datasets import load_dataset
@@ -124,6 +124,8 @@ def test_two_new_runs_into_one_folder_at_once(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_the_lock_leaves_no_file_and_a_failed_new_run_leaves_no_folder(tmp_path: Path) -> None:
+    from mona_sfl.checkpoint import lock_run_dir
+
     with lock_run_dir(tmp_path / "a" / "b"):
         assert os.listdir(tmp_path / "a" / "b") == []
     assert os.listdir(tmp_path / "a" / "b") == []
@@ -134,6 +136,8 @@ def test_the_lock_leaves_no_file_and_a_failed_new_run_leaves_no_folder(tmp_path:
 
 
 def test_in_process_second_lock_is_refused(tmp_path: Path) -> None:
+    from mona_sfl.checkpoint import lock_run_dir
+
     with lock_run_dir(tmp_path):
         with pytest.raises(CheckpointError, match=f"pid {os.getpid()}"):
             with lock_run_dir(tmp_path):
@@ -181,6 +185,13 @@ def test_links_out_of_or_back_into_the_tree_are_not_followed(tmp_path: Path) -> 
     os.symlink(outside / "x", root / "c")  # a class folder linked from elsewhere: allowed
     data = load(root)
     assert data.classes == ["a", "b", "c"] and data.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_a_pipe_named_like_an_image_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    root = class_tree(tmp_path / "data")
+    os.mkfifo(root / "b" / "pipe.png")
+    with pytest.raises(DataError, match=r"pipe.png' is not a regular file"):
+        load(root)
 
 
 def test_sixteen_bit_and_every_pil_mode_load_with_correct_values(tmp_path: Path) -> None:
@@ -400,6 +411,14 @@ def test_a_yaml_alias_bomb_is_refused(tmp_path: Path) -> None:
         load_config(tmp_path / "big.toml")
 
 
+def test_an_untrained_attack_does_not_write_into_a_run_folder(stopped_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = copy_run(stopped_run, tmp_path / "run")
+    before = tree(run)
+    assert main(["attack", "--config", str(run / "config.toml"), "--out", str(run), "--epochs", "1"]) == 2
+    assert f"--out {run} holds a training run" in capsys.readouterr().err
+    assert tree(run) == before
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -485,3 +504,24 @@ def test_a_read_only_run_folder_is_refused_before_any_work(small_disk: Path, sto
     assert f"cannot write in run folder {run} (Read-only file system): --resume needs a writable folder" in capsys.readouterr().err
     assert main(["attack", str(run), "--epochs", "1000000"]) == 2  # refused at once, not after training the decoder
     assert f"cannot write in run folder {run} (Read-only file system): the attack needs a writable folder" in capsys.readouterr().err
+
+
+def test_activations_rejected_does_not_advise_a_resume_that_repeats_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--quiet", "--out", str(run), *sets("train.lr=1e30", "train.max_steps=4")]) == 1  # weights overflow
+    err = capsys.readouterr().err
+    assert "no valid client activations in this step" in err and "non-finite" in err
+    assert "a --resume would repeat the same step and fail the same way: start a new run" in err
+    assert "continue with: mona-sfl train --resume" not in err and "Traceback" not in err
+
+
+def test_a_study_does_not_write_a_run_folder_another_process_holds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "study" / "runs" / "mona-cut2-seed0"
+    holder = hold_lock(run_dir)  # e.g. a `train --resume` of that run
+    try:
+        assert main(["study", "--quick", "--cuts", "2", "--methods", "MonAcoSFL", "--out", str(tmp_path / "study"), "--no-plots"]) == 2
+        assert f"run folder {run_dir} is in use by another mona-sfl process (pid {holder.pid})" in capsys.readouterr().err
+        assert os.listdir(run_dir) == []
+    finally:
+        holder.kill()
+        holder.wait()

@@ -30,7 +30,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mona_sfl.checkpoint import load_run_config, lock_run_dir
+    from mona_sfl.checkpoint import CONFIG, load_run_config, lock_run_dir
     from mona_sfl.config import load_config, resolve_config_path
     from mona_sfl.privacy.attack import ATTACK_JSON, BASELINE_JSON, attack_config, attack_run, check_attack_options
 
@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(resolve_config_path(args.config), args.overrides)
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ConfigError(f"--out {args.out} exists and is not a folder")
+        if (Path(args.out) / CONFIG).exists():  # its attack.json/.png belong to that run's trained front
+            raise ConfigError(f"--out {args.out} holds a training run: attack it with `mona-sfl attack {args.out} --untrained`, or choose another --out")
         with lock_run_dir(Path(args.out), "the attack"):
             res = attack_config(cfg, args.out, device=device, **kw)
         where = Path(args.out)

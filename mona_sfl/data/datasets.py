@@ -237,6 +237,8 @@ def _walk_class(top: Path, tree: Path) -> list[Path]:
             p = Path(d, f)
             if p.is_symlink() and p.exists():  # a broken link is reported when it is read
                 raise link_error(p)
+            if not p.is_symlink() and not p.is_file():  # a FIFO would block the read for ever
+                raise DataError(f"imagefolder: {str(p)!r} is not a regular file (a pipe, socket or device): remove it")
             found.append(p)
     return sorted(found)
 

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mona_sfl.checkpoint import CONFIG, SUMMARY, CheckpointError, atomic_write_text, read_metrics
+from mona_sfl.checkpoint import CONFIG, SUMMARY, CheckpointError, atomic_write_text, lock_run_dir, read_metrics
 from mona_sfl.config import Config, ConfigError, load_config, resolve_config_path, to_flat
 from mona_sfl.models import NUM_CUTS
 
@@ -286,14 +286,15 @@ def run_one(
 
     run_dir = out / "runs" / f"{SHORT[method]}-cut{cut}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    summary = train_run(cfg, run_dir, progress=progress, report=report)
-    t1 = time.perf_counter()
-    attack_device = "cuda" if cfg.device == "cuda" else ("cpu" if cfg.device == "cpu" else "auto")
-    mia = attack_cached(run_dir, attack_kw, int(summary["steps"]), attack_device, seed) if attack_kw else {}
-    t_attack = time.perf_counter() - t1
-    traj = misalignment(run_dir)
-    knn_curve(run_dir)
+    with lock_run_dir(run_dir, "the study"):  # no other study, train --resume or attack writes it meanwhile
+        t0 = time.perf_counter()
+        summary = train_run(cfg, run_dir, progress=progress, report=report)
+        t1 = time.perf_counter()
+        attack_device = "cuda" if cfg.device == "cuda" else ("cpu" if cfg.device == "cpu" else "auto")
+        mia = attack_cached(run_dir, attack_kw, int(summary["steps"]), attack_device, seed) if attack_kw else {}
+        t_attack = time.perf_counter() - t1
+        traj = misalignment(run_dir)
+        knn_curve(run_dir)
     costs = comm_costs(cfg)
     if costs.total_steps != summary["steps"] or costs.total_syncs != summary["syncs"]:
         log.warning(
