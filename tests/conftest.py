@@ -192,3 +192,30 @@ def end_leftovers(procs: list[tuple[int, str]]) -> None:
             os.kill(p, signal.SIGKILL)
         except OSError:
             pass
+
+
+# The smallest real run: 40 synthetic images, 2 clients, 2 steps, no evaluation before the end
+# (the bad-input and robustness tables).
+SMALLEST_RUN = [
+    "model.width=0.0625",
+    "algo.K=16",
+    "algo.dim=8",
+    "algo.hidden_dim=8",
+    "data.synthetic_size=40",
+    "data.image_size=16",
+    "fed.num_clients=2",
+    "train.batch_size=4",
+    "train.max_steps=2",
+    "eval.every=0",
+    "eval.linear=false",
+    "eval.knn_k=5",
+    "eval.batch_size=64",
+]
+
+
+def set_args(*overrides: str) -> list[str]:
+    """``--set`` arguments for :data:`SMALLEST_RUN` plus ``overrides``."""
+    out: list[str] = []
+    for o in [*SMALLEST_RUN, *overrides]:
+        out += ["--set", o]
+    return out

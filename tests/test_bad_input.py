@@ -29,28 +29,7 @@ from mona_sfl.cli import main
 from mona_sfl.config import Config, ConfigError, dumps_toml, from_dict, from_flat, load_config, to_dict, to_flat, validate
 
 # The smallest real run: 40 synthetic images, 2 clients, 2 steps, no evaluation before the end.
-TINY = [
-    "model.width=0.0625",
-    "algo.K=16",
-    "algo.dim=8",
-    "algo.hidden_dim=8",
-    "data.synthetic_size=40",
-    "data.image_size=16",
-    "fed.num_clients=2",
-    "train.batch_size=4",
-    "train.max_steps=2",
-    "eval.every=0",
-    "eval.linear=false",
-    "eval.knn_k=5",
-    "eval.batch_size=64",
-]
-
-
-def sets(*overrides: str) -> list[str]:
-    out: list[str] = []
-    for o in [*TINY, *overrides]:
-        out += ["--set", o]
-    return out
+from conftest import set_args as sets  # noqa: E402
 
 
 @pytest.fixture(scope="module")

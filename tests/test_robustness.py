@@ -25,28 +25,8 @@ from mona_sfl.config import ConfigError, load_config
 from mona_sfl.data.datasets import load_dataset
 from mona_sfl.errors import CheckpointError, DataError
 
-TINY = [
-    "model.width=0.0625",
-    "algo.K=16",
-    "algo.dim=8",
-    "algo.hidden_dim=8",
-    "data.synthetic_size=40",
-    "data.image_size=16",
-    "fed.num_clients=2",
-    "train.batch_size=4",
-    "train.max_steps=2",
-    "eval.every=0",
-    "eval.linear=false",
-    "eval.knn_k=5",
-    "eval.batch_size=64",
-]
-
-
-def sets(*overrides: str) -> list[str]:
-    out: list[str] = []
-    for o in [*TINY, *overrides]:
-        out += ["--set", o]
-    return out
+from conftest import SMALLEST_RUN as TINY  # noqa: E402
+from conftest import set_args as sets  # noqa: E402
 
 
 def tree(root: Path) -> dict[str, bytes | str]:
