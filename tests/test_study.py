@@ -131,3 +131,32 @@ def test_regime_preset_writes_curves_and_plots(tmp_path: Path, study) -> None:
     c20 = load_config(None, regime_overrides("clients20", width=0.25))
     assert (c20.clients_per_epoch, c20.fed.sync_every, c20.model.width, c20.train.max_steps) == (5, 12, 0.25, 1000)
     assert study.main(["--regime", "batch21", "--out", str(tmp_path / "x")]) == 2  # a typo is a clear error
+
+
+def test_two_studies_share_one_folder(tmp_path: Path, study, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study records its rows into the CSV as it is on disk when the run ends, so that a second study
+    process writing the same --out meanwhile (one per method, side by side) loses nothing."""
+    from mona_sfl.studies import split_depth
+
+    out = tmp_path / "shared"
+    argv = ["--regime", "batch20", "--quick", "--cuts", "2", "--steps", "2", "--curve-every", "0", "--no-attack", "--no-plots",
+            "--set", "data.synthetic_size=200", "--set", "eval.linear=false", "--out", str(out)]
+    real_run_one = split_depth.run_one
+    other = {}
+
+    def run_one_while_other_finishes(cfg, method, cut, seed, out_dir, *a, **kw):  # noqa: ANN001, ANN002, ANN003
+        row = real_run_one(cfg, method, cut, seed, out_dir, *a, **kw)
+        if not other:  # the other process records its MocoSFL row while this one trains
+            other.update({k: v for k, v in row.items() if k != "_elapsed"}, method="MocoSFL", seed=7)
+            split_depth.record_row(out_dir, other)
+        return row
+
+    monkeypatch.setattr(split_depth, "run_one", run_one_while_other_finishes)
+    assert study.main([*argv, "--methods", "mona"]) == 0
+    _, rows = rows_of(out / "split_depth.csv")
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("MocoSFL", "7"), ("MonAcoSFL", "0")]
+    _, curves = rows_of(out / "curves.csv")
+    assert {(c["method"], c["seed"]) for c in curves} == {("MocoSFL", "7"), ("MonAcoSFL", "0")}
+    # a run that the other study has recorded is skipped, not trained again
+    monkeypatch.setattr(split_depth, "run_one", lambda *a, **kw: pytest.fail("trained a run that is in the CSV"))
+    assert study.main([*argv, "--methods", "mona"]) == 0

@@ -29,13 +29,15 @@ From Python: :func:`run_study`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import math
 import logging
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 import time
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,45 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         w.writerow({k: _cell(r.get(k)) for k in cols})
     atomic_write_text(path, buf.getvalue())
+
+
+@contextlib.contextmanager
+def _study_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the study folder while its CSVs are read, updated and written.
+
+    Blocking and short: two studies that share an ``--out`` (e.g. one per method, side by side)
+    take turns at recording their rows, so neither overwrites the other's. The kernel drops the
+    lock when its holder ends, so nothing stale is left behind.
+    """
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def done_keys(csv_path: Path) -> set[tuple[str, int, int]]:
+    """The (method, cut, seed) of every run already in the study's CSV."""
+    with _study_lock(csv_path.parent):
+        return {row_key(r) for r in read_rows(csv_path)}
+
+
+def record_row(out: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Add (or replace) ``row`` in ``OUT/split_depth.csv`` as it is on disk now, rewrite ``curves.csv``; all rows.
+
+    The CSV is re-read under the study lock, so rows that another study process recorded in
+    the same folder meanwhile are kept.
+    """
+    csv_path = out / CSV_NAME
+    with _study_lock(out):
+        rows = [r for r in read_rows(csv_path) if row_key(r) != row_key(row)]
+        rows.append(row)
+        write_rows(csv_path, rows)
+        write_curves(out, rows)
+    return rows
 
 
 def _cell(v: Any) -> Any:
@@ -661,33 +702,30 @@ def run_study(
     shared = {k: v for k, v in to_flat(base).items() if k not in ("model.cut", "algo.align_momentum", "seed")}
     check_study(out, {"config": shared, "attack": attack_kw})
     csv_path = out / CSV_NAME
-    rows: list[dict[str, Any]] = read_rows(csv_path)
-    done = {row_key(r) for r in rows}
     todo = [(m, c, s) for s in seeds for c in cuts for m in methods]
     report(f"split-depth study: {len(todo)} runs ({', '.join(methods)}; cuts {cuts}; seeds {list(seeds)}) into {out}")
     t_start = time.perf_counter()
     for i, (m, c, s) in enumerate(todo, 1):
         tag = f"[{i}/{len(todo)}] {m} cut {c} seed {s}"
-        if (m, c, s) in done:
+        if (m, c, s) in done_keys(csv_path):  # re-read: another study sharing this folder may have run it
             report(f"{tag}: in the CSV, skipped")
             continue
         cfg = load_config(config_path, base_overrides + [f"model.cut={c}", f"algo.align_momentum={str(METHODS[m]).lower()}", f"seed={s}"])
         report(f"{tag}: training")
         row = run_one(cfg, m, c, s, out, attack_kw, baseline=baseline, progress=progress, report=report)
         elapsed = row.pop("_elapsed")
-        rows.append(row)
-        done.add((m, c, s))
-        write_rows(csv_path, rows)
-        write_curves(out, rows)
+        record_row(out, row)
         lin = row.get("linear_top1")
         mia = f", attack SSIM {row['mia_ssim']:.3f} MSE {row['mia_mse']:.4f}" if row.get("mia_ssim") is not None else ""
         report(
             f"{tag}: kNN {row['knn_top1']:.2f}%" + (f", linear {lin:.2f}%" if lin is not None else "")
             + f"{mia}, {row['bytes_total'] / 2**20:.1f} MiB total, {elapsed:.1f} s"
         )
-    if not csv_path.is_file():
-        write_rows(csv_path, rows)
-    write_curves(out, rows)
+    with _study_lock(out):
+        rows: list[dict[str, Any]] = read_rows(csv_path)
+        if not csv_path.is_file():
+            write_rows(csv_path, rows)
+        write_curves(out, rows)
     report(f"wrote CSV: {csv_path} ({len(rows)} rows) and {out / 'curves.csv'} in {time.perf_counter() - t_start:.1f} s")
     if plots:
         sel = [r for r in rows if row_key(r)[0] in methods]
