@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -505,3 +506,78 @@ def test_a_study_does_not_write_a_run_folder_another_process_holds(tmp_path: Pat
     finally:
         holder.kill()
         holder.wait()
+
+
+# ----------------------------------------------------------------------------- Ray processes of a killed run
+RAY_DRIVERS = {  # what starts the local Ray instance of a run, then waits to be killed
+    "ray": "from mona_sfl.runtime.ray_runtime import RayTransport\n"
+           "RayTransport(cfg)\n",
+    "flower": "from mona_sfl.runtime.flower.launch import simulation_backend_config, start_ray_for_simulation\n"
+              "start_ray_for_simulation(simulation_backend_config(cfg))\n",
+}
+
+
+def descendants(root: int) -> dict[int, bytes]:
+    """``{pid: its /proc stat line}`` of every process below ``root`` (a pid reused later has another stat line)."""
+    parent, stat = {}, {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat[int(name)] = Path("/proc", name, "stat").read_bytes()
+        except OSError:
+            continue
+        parent[int(name)] = int(stat[int(name)].rsplit(b")", 1)[1].split()[1])
+    found, todo = {}, [root]
+    while todo:
+        p = todo.pop()
+        for c in [c for c, pp in parent.items() if pp == p]:
+            found[c] = stat[c]
+            todo.append(c)
+    return found
+
+
+def still_running(procs: dict[int, bytes]) -> list[int]:
+    """The processes of ``procs`` that still run (same start time, not a zombie)."""
+    alive = []
+    for pid, st in procs.items():
+        try:
+            now = Path("/proc", str(pid), "stat").read_bytes()
+        except OSError:
+            continue
+        fields = now.rsplit(b")", 1)[1].split()
+        if fields[19] == st.rsplit(b")", 1)[1].split()[19] and fields[0] not in (b"Z", b"X"):
+            alive.append(pid)
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+@pytest.mark.parametrize("runtime", sorted(RAY_DRIVERS))
+def test_ray_processes_of_a_killed_driver_end_within_seconds(runtime: str) -> None:
+    """A driver of runtime=ray (or flower) SIGKILLed: its local Ray instance (GCS, raylet,
+    dashboard, the raylet's agents) is gone within seconds, not after the agents' 90 s."""
+    pytest.importorskip("ray")
+    code = (
+        "import time\nfrom conftest import SMALLEST_RUN\nfrom mona_sfl.config import load_config\n"
+        f"cfg = load_config(None, SMALLEST_RUN + ['runtime={runtime}'])\n{RAY_DRIVERS[runtime]}"
+        "print('up', flush=True)\ntime.sleep(300)\n"
+    )
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]), FLWR_TELEMETRY_ENABLED="0")
+    driver = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    procs: dict[int, bytes] = {}
+    try:
+        assert driver.stdout is not None and driver.stdout.readline().strip() == "up"
+        procs = descendants(driver.pid)
+        names = b" ".join(Path("/proc", str(p), "cmdline").read_bytes().split(b"\0")[0] for p in procs)
+        assert b"ray::DashboardAgent" in names and b"ray::RuntimeEnvAgent" in names and b"raylet" in names, names
+        driver.kill()
+        driver.wait()
+        deadline = time.monotonic() + 8.0
+        while still_running(procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = still_running(procs)
+        assert not left, [Path("/proc", str(p), "cmdline").read_bytes()[:80] for p in left]
+    finally:
+        driver.kill()
+        driver.wait()
+        for pid in still_running(procs):  # a failed test leaves nothing behind either
+            os.kill(pid, 9)

@@ -60,6 +60,7 @@ from mona_sfl.build import build_host
 from mona_sfl.config import Config, ConfigError, from_flat, to_flat
 from mona_sfl.core.host import ClientHost
 from mona_sfl.core.sync import GlobalFronts
+from mona_sfl.runtime.reaper import Reaper
 from mona_sfl.runtime.sharded import HostUnavailable, ShardedRuntime, Transport, serve
 from mona_sfl.threads import cpus, set_threads
 
@@ -257,6 +258,7 @@ class RayTransport(Transport):
         self.step_timeout_s = float(cfg.ray.step_timeout_s)
         self.start_timeout_s = max(self.step_timeout_s, _MIN_START_TIMEOUT_S)
         self.started_ray = False
+        self._reaper: Reaper | None = None
         self._closed = False
         self._slots: list[_Slot] = []
         self._connect()
@@ -294,6 +296,8 @@ class RayTransport(Transport):
                     raise ConfigError(f"{where}={addr}: cannot connect to a Ray cluster ({e}){_HOWTO}") from None
             else:
                 ray.init(address="local", num_cpus=cpus(), include_dashboard=False, **common)
+                self._reaper = Reaper()  # its processes end with this one, also after a SIGKILL
+                self._reaper.record()
         self.started_ray = True
 
     def _actor_options(self) -> dict[str, Any]:
@@ -360,6 +364,8 @@ class RayTransport(Transport):
             if not retry:
                 break
             refs = retry
+        if self._reaper is not None:
+            self._reaper.record()  # the actors' worker processes
         log.info(
             "ray runtime: %d clients in %d actors on %d node(s) (%d client threads/actor, %s)",
             self.cfg.fed.num_clients, len(self._slots), len(set(self.actor_nodes)), self.cfg.train.client_threads, self._device,
@@ -434,6 +440,13 @@ class RayTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        try:
+            self._stop()
+        finally:
+            if self._reaper is not None:
+                self._reaper.close()
+
+    def _stop(self) -> None:
         if not ray.is_initialized():
             return
         key = self._pool_key() if getattr(self, "_reuse", False) else None
