@@ -581,3 +581,44 @@ def test_ray_processes_of_a_killed_driver_end_within_seconds(runtime: str) -> No
         driver.wait()
         for pid in still_running(procs):  # a failed test leaves nothing behind either
             os.kill(pid, 9)
+
+
+# ----------------------------------------------------------------------------- certs
+def test_certs_never_overwrite_keys_nor_half_write_and_force_replaces_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key, load_ssh_private_key
+    from cryptography.x509 import load_pem_x509_certificate
+
+    out = tmp_path / "certs"
+    out.mkdir()
+    (out / "supernode-1.pub").write_bytes(b"ssh-ed25519 AAAA registered-with-the-superlink\n")
+    capsys.readouterr()
+    assert main(["certs", str(out), "--nodes", "2"]) == 2  # supernode-1.pub exists: nothing is written at all
+    err = capsys.readouterr().err
+    assert f"{out / 'supernode-1.pub'} already exists" in err and "--force" in err
+    assert os.listdir(out) == ["supernode-1.pub"]
+    (out / "ca.key").symlink_to(tmp_path / "elsewhere.key")  # a dangling link: not followed, not replaced
+    assert main(["certs", "--out", str(out), "--nodes", "2"]) == 2
+    assert f"{out / 'ca.key'}, {out / 'supernode-1.pub'} already exist" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["ca.key", "supernode-1.pub"] and not (tmp_path / "elsewhere.key").exists()
+    (out / "ca.key").unlink()
+    (out / "supernode-1.pub").unlink()
+
+    assert main(["certs", "--out", str(out), "--nodes", "2"]) == 0
+    before = tree(out)
+    assert main(["certs", "--out", str(out), "--nodes", "1"]) == 2  # a complete set: refused, unchanged
+    assert tree(out) == before
+    assert main(["certs", "--out", str(out), "--node-keys-only", "--nodes", "1", "--force"]) == 2
+    assert main(["certs", str(out), "--out", str(tmp_path / "other")]) == 2
+    assert "two output folders" in capsys.readouterr().err
+    assert tree(out) == before
+
+    assert main(["certs", "--out", str(out), "--nodes", "2", "--force"]) == 0  # replaced, each file a new one
+    after = tree(out)
+    assert sorted(after) == sorted(before) and all(after[f] != before[f] for f in before)
+    for name in ("ca.key", "server.key", "supernode-0.key", "supernode-1.key"):
+        assert os.stat(out / name).st_mode & 0o777 == 0o600, name
+    cert = load_pem_x509_certificate(after["server.pem"])
+    assert cert.public_key() == load_pem_private_key(after["server.key"], None).public_key()
+    cert.verify_directly_issued_by(load_pem_x509_certificate(after["ca.crt"]))
+    pub = load_ssh_private_key(after["supernode-1.key"], None).public_key()
+    assert after["supernode-1.pub"].split()[:2] == pub.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).split()
