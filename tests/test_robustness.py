@@ -622,3 +622,19 @@ def test_certs_never_overwrite_keys_nor_half_write_and_force_replaces_them(tmp_p
     cert.verify_directly_issued_by(load_pem_x509_certificate(after["ca.crt"]))
     pub = load_ssh_private_key(after["supernode-1.key"], None).public_key()
     assert after["supernode-1.pub"].split()[:2] == pub.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).split()
+
+
+# ----------------------------------------------------------------------------- flwr-run
+def test_flwr_run_takes_the_run_folder_lock_before_starting_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("flwr")
+    out = tmp_path / "new"
+    holder = hold_lock(out)  # e.g. a `train --out new` or another flwr-run that has just started
+    try:
+        capsys.readouterr()
+        assert main(["flwr-run", "--out", str(out), "--timeout", "30", *sets()]) == 2
+        err = capsys.readouterr().err
+        assert f"run folder {out} is in use by another mona-sfl process (pid {holder.pid})" in err
+        assert "running: flwr run" not in err and os.listdir(out) == []
+    finally:
+        holder.kill()
+        holder.wait()

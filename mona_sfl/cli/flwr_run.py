@@ -112,10 +112,8 @@ def stop_pids(pids: list[int], wait_s: float = 10.0) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mona_sfl.checkpoint import SUMMARY, check_new_run_dir
-    from mona_sfl.cli.train import print_summary
+    from mona_sfl.checkpoint import check_new_run_dir, lock_run_dir
     from mona_sfl.config import load_config, resolve_config_path
-    from mona_sfl.runtime.flower.run_config import app_config_toml
 
     if args.timeout < 0:
         raise ConfigError(f"--timeout must be >= 0, got {args.timeout:g}")
@@ -123,6 +121,16 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.out).resolve()  # the ServerApp runs in another process and folder
     check_new_run_dir(run_dir)
     project = project_dir(args.project)
+    with lock_run_dir(run_dir, "flwr-run"):  # one writer per folder: held until the run has ended
+        check_new_run_dir(run_dir)  # again under the lock, before any process starts
+        return _flwr_run(args, cfg, project, run_dir)
+
+
+def _flwr_run(args: argparse.Namespace, cfg: Any, project: Path, run_dir: Path) -> int:
+    from mona_sfl.checkpoint import SUMMARY
+    from mona_sfl.cli.train import print_summary
+    from mona_sfl.runtime.flower.run_config import app_config_toml
+
     flwr_home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
