@@ -470,6 +470,7 @@ def test_disk_full_is_one_line_exit_1_and_the_run_resumes_exactly_afterwards(sma
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("mona-sfl: error:")]
     assert len(errors) == 1 and "No space left on device" in errors[0] and f"({run}/" in errors[0], err
+    assert errors[0].endswith(f"; the last checkpoint in {run} is kept: fix the cause, then run the same command again")
     assert "Traceback" not in err and "During handling" not in err
     assert torch.load(run / "checkpoint.pt", weights_only=True)["global_step"] == 2  # the previous checkpoint, intact
     (small_disk / "filler").unlink()  # the cause is gone
@@ -638,3 +639,40 @@ def test_flwr_run_takes_the_run_folder_lock_before_starting_anything(tmp_path: P
     finally:
         holder.kill()
         holder.wait()
+
+
+# ----------------------------------------------------------------------------- OS-error advice per command
+def fill(disk: Path, leave: int = 0) -> None:
+    st = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - leave))
+
+
+def test_os_error_advice_names_what_each_command_can_do(small_disk: Path, stopped_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Only a training run is resumed: an attack, or a command without --resume, is not told to `--resume`."""
+    from mona_sfl.cli import os_error_advice, parser
+
+    run = copy_run(stopped_run, small_disk / "run")
+    out = small_disk / "baseline"
+    fill(small_disk)
+    capsys.readouterr()
+    attack = ["--epochs", "1", "--num-test", "4", "--aux-fraction", "0.2", "--decoder-width", "4"]
+    assert main(["attack", str(run), *attack]) == 1  # attack.png / attack.json: no space
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err, err
+    assert f"the run's checkpoints in {run} are unchanged: fix the cause, then run the same command again" in err
+    assert "--resume" not in err
+    assert main(["attack", "--config", "default", "--out", str(out), *attack, *sets()]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.rstrip().endswith("; fix the cause, then run the same command again"), err
+    assert "--resume" not in err and "checkpoint" not in err
+
+    def advice(*argv: str) -> str:
+        return os_error_advice(parser().parse_args(list(argv)))
+
+    again = "fix the cause, then run the same command again"
+    assert advice("comm") == advice("plot", str(run)) == advice("certs", "--out", str(tmp_path)) == again
+    assert advice("train", "--resume", str(run)) == f"the last checkpoint in {run} is kept: {again}"
+    assert advice("train", "--out", str(run)) == f"the last checkpoint in {run} is kept: fix the cause, then continue with `mona-sfl train --resume {run}`"
+    assert advice("train", "--out", str(tmp_path / "never-started")) == again
+    assert advice("flwr-run", "--out", str(run)).endswith(f"`mona-sfl train --resume {run}` (on Flower's simulation engine)")
+    assert advice("study", "--out", str(tmp_path)) == f"{again}: it keeps the finished rows and resumes the unfinished runs"
