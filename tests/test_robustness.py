@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -676,3 +677,50 @@ def test_os_error_advice_names_what_each_command_can_do(small_disk: Path, stoppe
     assert advice("train", "--out", str(tmp_path / "never-started")) == again
     assert advice("flwr-run", "--out", str(run)).endswith(f"`mona-sfl train --resume {run}` (on Flower's simulation engine)")
     assert advice("study", "--out", str(tmp_path)) == f"{again}: it keeps the finished rows and resumes the unfinished runs"
+
+
+# ----------------------------------------------------------------------------- huge inputs
+def test_a_huge_image_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    root = class_tree(tmp_path / "data")
+    with open(root / "b" / "huge.png", "wb") as f:  # 1 TiB, sparse: nothing of it is on disk
+        f.write(b"\x89PNG\r\n\x1a\n")
+        f.truncate(1 << 40)
+    with pytest.raises(DataError, match=r"huge.png' is too large \(1,099,511,627,776 bytes; data.max_image_pixels=89478485 "
+                                        r"allows files of at most 732,605,096 bytes\): .*raise data.max_image_pixels"):
+        load(root)
+    with open(root / "b" / "huge.png", "r+b") as f:  # a real image with 17 MiB of trailing zeros: over a small limit only
+        f.truncate(0)
+        Image.new("RGB", (8, 8)).save(f, format="PNG")
+        f.truncate(17 << 20)
+    assert len(load(root)) == 7
+    with pytest.raises(DataError, match=r"at most 16,785,216 bytes"):
+        load(root, max_image_pixels=1000)  # 8 bytes per pixel + 16 MiB
+
+
+def test_a_checkpoint_whose_tensors_claim_enormous_shapes_is_refused(stopped_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import mona_sfl.checkpoint as ckpt
+
+    run = copy_run(stopped_run, tmp_path / "run")
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    key = sorted(state["global_online"])[0]
+    state["global_online"][key] = torch.zeros(1).expand(10**6, 10**6)  # claims 4 TB over 4 bytes of data
+    torch.save(state, run / "checkpoint.pt")
+    assert (run / "checkpoint.pt").stat().st_size < 2 * (stopped_run / "checkpoint.pt").stat().st_size  # a small file
+    (run / "checkpoint.prev.pt").unlink()  # nothing to fall back to
+    before = tree(run)
+    capsys.readouterr()
+    assert main(["train", "--quiet", "--resume", str(run), "--set", "train.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert (f"no readable checkpoint in {run} (checkpoint.pt: tensor global_online.{key} claims shape (1000000, 1000000) "
+            f"(1,000,000,000,000 elements) over 4 bytes of data: the file is damaged or crafted)") in err, err
+    assert main(["attack", str(run), "--epochs", "1"]) == 2  # every reader of checkpoints: the attack too
+    assert "claims shape (1000000, 1000000)" in capsys.readouterr().err
+    assert tree(run) == before
+
+    # a checkpoint larger than the memory left is not read at all (here: the memory is made small)
+    shutil.copy(stopped_run / "checkpoint.pt", run / "checkpoint.pt")
+    monkeypatch.setattr(ckpt, "available_memory", lambda: 1000)
+    assert main(["train", "--quiet", "--resume", str(run), "--set", "train.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    size = sum(i.file_size for i in zipfile.ZipFile(run / "checkpoint.pt").infolist())
+    assert f"{run / 'checkpoint.pt'} holds {size:,} bytes of tensors, more than the 1,000 bytes of memory available" in err, err
