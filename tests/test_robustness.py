@@ -627,8 +627,9 @@ def test_certs_never_overwrite_keys_nor_half_write_and_force_replaces_them(tmp_p
 
 
 # ----------------------------------------------------------------------------- flwr-run
-def test_flwr_run_takes_the_run_folder_lock_before_starting_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_flwr_run_takes_the_run_folder_lock_before_starting_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("flwr")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr home"))  # were a SuperLink started, its state goes here
     out = tmp_path / "new"
     holder = hold_lock(out)  # e.g. a `train --out new` or another flwr-run that has just started
     try:
