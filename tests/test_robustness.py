@@ -651,8 +651,6 @@ def fill(disk: Path, leave: int = 0) -> None:
 
 def test_os_error_advice_names_what_each_command_can_do(small_disk: Path, stopped_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Only a training run is resumed: an attack, or a command without --resume, is not told to `--resume`."""
-    from mona_sfl.cli import os_error_advice, parser
-
     run = copy_run(stopped_run, small_disk / "run")
     out = small_disk / "baseline"
     fill(small_disk)
@@ -667,6 +665,8 @@ def test_os_error_advice_names_what_each_command_can_do(small_disk: Path, stoppe
     err = capsys.readouterr().err
     assert "No space left on device" in err and err.rstrip().endswith("; fix the cause, then run the same command again"), err
     assert "--resume" not in err and "checkpoint" not in err
+
+    from mona_sfl.cli import os_error_advice, parser
 
     def advice(*argv: str) -> str:
         return os_error_advice(parser().parse_args(list(argv)))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -77,6 +76,13 @@ def superlink_up() -> bool:
         return False
 
 
+def stop_processes(pids: list[int], wait_s: float = 10.0) -> None:
+    """SIGTERM to ``pids``, SIGKILL to those left after ``wait_s`` (a pid reused meanwhile is left alone)."""
+    from mona_sfl.runtime.reaper import reap, start_time
+
+    reap({pid: st for pid in pids if (st := start_time(pid)) is not None}, grace_s=wait_s)
+
+
 def local_superlinks(flwr_home: Path) -> list[int]:
     """Pids of simulation SuperLinks whose state lives in ``flwr_home`` (the one ``flwr run`` starts)."""
     db = str(flwr_home / "local-superlink")
@@ -92,23 +98,6 @@ def local_superlinks(flwr_home: Path) -> list[int]:
         if any(a.endswith("flower-superlink") for a in text) and "--simulation" in text and any(db in a for a in text):
             pids.append(int(proc.name))
     return pids
-
-
-def stop_pids(pids: list[int], wait_s: float = 10.0) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-        time.sleep(0.1)
-    for pid in pids:
-        if Path(f"/proc/{pid}").exists():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,7 +143,7 @@ def _flwr_run(args: argparse.Namespace, cfg: Any, project: Path, run_dir: Path) 
             rc_code = 1
         finally:
             if started_here and not args.keep_superlink:
-                stop_pids(local_superlinks(flwr_home))
+                stop_processes(local_superlinks(flwr_home))
             elif started_here:
                 print(f"the local SuperLink keeps running (stop it with: kill {' '.join(map(str, local_superlinks(flwr_home)))})", file=sys.stderr)
     if rc_code != 0:
