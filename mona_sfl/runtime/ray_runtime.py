@@ -29,7 +29,8 @@ Cluster
     ``MONA_SFL_RAY_SHIP_CODE=0`` when every node has it installed). Every node needs the same
     Python packages (torch, torchvision, numpy) and, for real datasets, ``data.dir`` at the
     same path. Without an address a private local instance is started and stopped by
-    :meth:`close`. A process that already called ``ray.init`` is reused as it is; with
+    :meth:`close`; its processes end with the driver also when it is killed
+    (:mod:`mona_sfl.runtime.reaper`). A process that already called ``ray.init`` is reused as it is; with
     ``MONA_SFL_RAY_REUSE_ACTORS=1`` the actors are then kept warm by :meth:`close` for the next
     runtime of the same settings (an actor start imports torch and torchvision: several
     CPU-seconds), see :func:`drain_pool`.
