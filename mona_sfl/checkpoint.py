@@ -142,6 +142,62 @@ def remove_stale_temps(run_dir: Path) -> list[str]:
     return removed
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (``MemAvailable``), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory_for(path: Path) -> None:
+    """CheckpointError, before reading, when the tensors of checkpoint ``path`` (the sizes in its
+    zip directory: what ``torch.load`` allocates) exceed the memory available."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            claimed = sum(i.file_size for i in z.infolist())
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return  # not a zip file: torch.load says what is wrong with it
+    free = available_memory()
+    if free is not None and claimed > free:
+        raise CheckpointError(
+            f"{path} holds {claimed:,} bytes of tensors, more than the {free:,} bytes of memory available: "
+            f"it is not loaded; free memory (or use a larger machine), or delete it if it is not this run's checkpoint"
+        )
+
+
+_SMALL_BROADCAST = 1 << 20  # an expanded tensor claiming at most this many bytes is let through
+
+
+def overclaiming_tensor(state: Any) -> str | None:
+    """The first tensor in ``state`` that claims more elements than its storage holds (zero or
+    overlapping strides, as a crafted file can declare: anything that copies it allocates all it
+    claims, beyond 1 MiB), described; None when there is none. Our own states hold none."""
+    import torch
+
+    todo: list[tuple[str, Any]] = [("", state)]
+    while todo:
+        where, obj = todo.pop()
+        if isinstance(obj, torch.Tensor):
+            need = (obj.storage_offset() + obj.numel()) * obj.element_size()
+            if need > max(obj.untyped_storage().nbytes(), _SMALL_BROADCAST):
+                return (
+                    f"tensor {where or '(top level)'} claims shape {tuple(obj.shape)} ({obj.numel():,} elements) over "
+                    f"{obj.untyped_storage().nbytes():,} bytes of data: the file is damaged or crafted"
+                )
+        elif isinstance(obj, dict):
+            todo += [(f"{where}.{k}" if where else str(k), v) for k, v in obj.items()]
+        elif isinstance(obj, (list, tuple)):
+            todo += [(f"{where}[{i}]", v) for i, v in enumerate(obj)]
+    return None
+
+
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     """Load without executing code (weights_only); fall back to the previous checkpoint."""
     run_dir = Path(run_dir)
@@ -152,12 +208,17 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
             if name == CHECKPOINT and (run_dir / PREVIOUS).exists():
                 errors.append(f"{name}: missing")
             continue
+        check_memory_for(p)  # a checkpoint larger than the memory left is not read at all
         try:
             import torch
 
             state = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # corrupt, truncated or unreadable file
             errors.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        bad = overclaiming_tensor(state)
+        if bad:  # a crafted or damaged file: using the tensor would allocate what it claims
+            errors.append(f"{name}: {bad}")
             continue
         if errors:  # the newest checkpoint is lost: say so, and from where the run goes on
             step = state.get("global_step") if isinstance(state, dict) else None

@@ -11,7 +11,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -469,6 +471,7 @@ def test_disk_full_is_one_line_exit_1_and_the_run_resumes_exactly_afterwards(sma
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("mona-sfl: error:")]
     assert len(errors) == 1 and "No space left on device" in errors[0] and f"({run}/" in errors[0], err
+    assert errors[0].endswith(f"; the last checkpoint in {run} is kept: fix the cause, then run the same command again")
     assert "Traceback" not in err and "During handling" not in err
     assert torch.load(run / "checkpoint.pt", weights_only=True)["global_step"] == 2  # the previous checkpoint, intact
     (small_disk / "filler").unlink()  # the cause is gone
@@ -505,3 +508,220 @@ def test_a_study_does_not_write_a_run_folder_another_process_holds(tmp_path: Pat
     finally:
         holder.kill()
         holder.wait()
+
+
+# ----------------------------------------------------------------------------- Ray processes of a killed run
+RAY_DRIVERS = {  # what starts the local Ray instance of a run, then waits to be killed
+    "ray": "from mona_sfl.runtime.ray_runtime import RayTransport\n"
+           "RayTransport(cfg)\n",
+    "flower": "from mona_sfl.runtime.flower.launch import simulation_backend_config, start_ray_for_simulation\n"
+              "start_ray_for_simulation(simulation_backend_config(cfg))\n",
+}
+
+
+def descendants(root: int) -> dict[int, bytes]:
+    """``{pid: its /proc stat line}`` of every process below ``root`` (a pid reused later has another stat line)."""
+    parent, stat = {}, {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat[int(name)] = Path("/proc", name, "stat").read_bytes()
+        except OSError:
+            continue
+        parent[int(name)] = int(stat[int(name)].rsplit(b")", 1)[1].split()[1])
+    found, todo = {}, [root]
+    while todo:
+        p = todo.pop()
+        for c in [c for c, pp in parent.items() if pp == p]:
+            found[c] = stat[c]
+            todo.append(c)
+    return found
+
+
+def still_running(procs: dict[int, bytes]) -> list[int]:
+    """The processes of ``procs`` that still run (same start time, not a zombie)."""
+    alive = []
+    for pid, st in procs.items():
+        try:
+            now = Path("/proc", str(pid), "stat").read_bytes()
+        except OSError:
+            continue
+        fields = now.rsplit(b")", 1)[1].split()
+        if fields[19] == st.rsplit(b")", 1)[1].split()[19] and fields[0] not in (b"Z", b"X"):
+            alive.append(pid)
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+@pytest.mark.parametrize("runtime", sorted(RAY_DRIVERS))
+def test_ray_processes_of_a_killed_driver_end_within_seconds(runtime: str) -> None:
+    """A driver of runtime=ray (or flower) SIGKILLed: its local Ray instance (GCS, raylet,
+    dashboard, the raylet's agents) is gone within seconds, not after the agents' 90 s."""
+    pytest.importorskip("ray")
+    code = (
+        "import time\nfrom conftest import SMALLEST_RUN\nfrom mona_sfl.config import load_config\n"
+        f"cfg = load_config(None, SMALLEST_RUN + ['runtime={runtime}'])\n{RAY_DRIVERS[runtime]}"
+        "print('up', flush=True)\ntime.sleep(300)\n"
+    )
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]), FLWR_TELEMETRY_ENABLED="0")
+    driver = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    procs: dict[int, bytes] = {}
+    try:
+        assert driver.stdout is not None and driver.stdout.readline().strip() == "up"
+        procs = descendants(driver.pid)
+        names = b" ".join(Path("/proc", str(p), "cmdline").read_bytes().split(b"\0")[0] for p in procs)
+        assert b"ray::DashboardAgent" in names and b"ray::RuntimeEnvAgent" in names and b"raylet" in names, names
+        driver.kill()
+        driver.wait()
+        deadline = time.monotonic() + 8.0
+        while still_running(procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = still_running(procs)
+        assert not left, [Path("/proc", str(p), "cmdline").read_bytes()[:80] for p in left]
+    finally:
+        driver.kill()
+        driver.wait()
+        for pid in still_running(procs):  # a failed test leaves nothing behind either
+            os.kill(pid, 9)
+
+
+# ----------------------------------------------------------------------------- certs
+def test_certs_never_overwrite_keys_nor_half_write_and_force_replaces_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key, load_ssh_private_key
+    from cryptography.x509 import load_pem_x509_certificate
+
+    out = tmp_path / "certs"
+    out.mkdir()
+    (out / "supernode-1.pub").write_bytes(b"ssh-ed25519 AAAA registered-with-the-superlink\n")
+    capsys.readouterr()
+    assert main(["certs", str(out), "--nodes", "2"]) == 2  # supernode-1.pub exists: nothing is written at all
+    err = capsys.readouterr().err
+    assert f"{out / 'supernode-1.pub'} already exists" in err and "--force" in err
+    assert os.listdir(out) == ["supernode-1.pub"]
+    (out / "ca.key").symlink_to(tmp_path / "elsewhere.key")  # a dangling link: not followed, not replaced
+    assert main(["certs", "--out", str(out), "--nodes", "2"]) == 2
+    assert f"{out / 'ca.key'}, {out / 'supernode-1.pub'} already exist" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["ca.key", "supernode-1.pub"] and not (tmp_path / "elsewhere.key").exists()
+    (out / "ca.key").unlink()
+    (out / "supernode-1.pub").unlink()
+
+    assert main(["certs", "--out", str(out), "--nodes", "2"]) == 0
+    before = tree(out)
+    assert main(["certs", "--out", str(out), "--nodes", "1"]) == 2  # a complete set: refused, unchanged
+    assert tree(out) == before
+    assert main(["certs", "--out", str(out), "--node-keys-only", "--nodes", "1", "--force"]) == 2
+    assert main(["certs", str(out), "--out", str(tmp_path / "other")]) == 2
+    assert "two output folders" in capsys.readouterr().err
+    assert tree(out) == before
+
+    assert main(["certs", "--out", str(out), "--nodes", "2", "--force"]) == 0  # replaced, each file a new one
+    after = tree(out)
+    assert sorted(after) == sorted(before) and all(after[f] != before[f] for f in before)
+    for name in ("ca.key", "server.key", "supernode-0.key", "supernode-1.key"):
+        assert os.stat(out / name).st_mode & 0o777 == 0o600, name
+    cert = load_pem_x509_certificate(after["server.pem"])
+    assert cert.public_key() == load_pem_private_key(after["server.key"], None).public_key()
+    cert.verify_directly_issued_by(load_pem_x509_certificate(after["ca.crt"]))
+    pub = load_ssh_private_key(after["supernode-1.key"], None).public_key()
+    assert after["supernode-1.pub"].split()[:2] == pub.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).split()
+
+
+# ----------------------------------------------------------------------------- flwr-run
+def test_flwr_run_takes_the_run_folder_lock_before_starting_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("flwr")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr home"))  # were a SuperLink started, its state goes here
+    out = tmp_path / "new"
+    holder = hold_lock(out)  # e.g. a `train --out new` or another flwr-run that has just started
+    try:
+        capsys.readouterr()
+        assert main(["flwr-run", "--out", str(out), "--timeout", "30", *sets()]) == 2
+        err = capsys.readouterr().err
+        assert f"run folder {out} is in use by another mona-sfl process (pid {holder.pid})" in err
+        assert "running: flwr run" not in err and os.listdir(out) == []
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ----------------------------------------------------------------------------- OS-error advice per command
+def fill(disk: Path, leave: int = 0) -> None:
+    st = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - leave))
+
+
+def test_os_error_advice_names_what_each_command_can_do(small_disk: Path, stopped_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Only a training run is resumed: an attack, or a command without --resume, is not told to `--resume`."""
+    run = copy_run(stopped_run, small_disk / "run")
+    out = small_disk / "baseline"
+    fill(small_disk)
+    capsys.readouterr()
+    attack = ["--epochs", "1", "--num-test", "4", "--aux-fraction", "0.2", "--decoder-width", "4"]
+    assert main(["attack", str(run), *attack]) == 1  # attack.png / attack.json: no space
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err, err
+    assert f"the run's checkpoints in {run} are unchanged: fix the cause, then run the same command again" in err
+    assert "--resume" not in err
+    assert main(["attack", "--config", "default", "--out", str(out), *attack, *sets()]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.rstrip().endswith("; fix the cause, then run the same command again"), err
+    assert "--resume" not in err and "checkpoint" not in err
+
+    from mona_sfl.cli import os_error_advice, parser
+
+    def advice(*argv: str) -> str:
+        return os_error_advice(parser().parse_args(list(argv)))
+
+    again = "fix the cause, then run the same command again"
+    assert advice("comm") == advice("plot", str(run)) == advice("certs", "--out", str(tmp_path)) == again
+    assert advice("train", "--resume", str(run)) == f"the last checkpoint in {run} is kept: {again}"
+    assert advice("train", "--out", str(run)) == f"the last checkpoint in {run} is kept: fix the cause, then continue with `mona-sfl train --resume {run}`"
+    assert advice("train", "--out", str(tmp_path / "never-started")) == again
+    assert advice("flwr-run", "--out", str(run)).endswith(f"`mona-sfl train --resume {run}` (on Flower's simulation engine)")
+    assert advice("study", "--out", str(tmp_path)) == f"{again}: it keeps the finished rows and resumes the unfinished runs"
+
+
+# ----------------------------------------------------------------------------- huge inputs
+def test_a_huge_image_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    root = class_tree(tmp_path / "data")
+    with open(root / "b" / "huge.png", "wb") as f:  # 1 TiB, sparse: nothing of it is on disk
+        f.write(b"\x89PNG\r\n\x1a\n")
+        f.truncate(1 << 40)
+    with pytest.raises(DataError, match=r"huge.png' is too large \(1,099,511,627,776 bytes; data.max_image_pixels=89478485 "
+                                        r"allows files of at most 732,605,096 bytes\): .*raise data.max_image_pixels"):
+        load(root)
+    with open(root / "b" / "huge.png", "r+b") as f:  # a real image with 17 MiB of trailing zeros: over a small limit only
+        f.truncate(0)
+        Image.new("RGB", (8, 8)).save(f, format="PNG")
+        f.truncate(17 << 20)
+    assert len(load(root)) == 7
+    with pytest.raises(DataError, match=r"at most 16,785,216 bytes"):
+        load(root, max_image_pixels=1000)  # 8 bytes per pixel + 16 MiB
+
+
+def test_a_checkpoint_whose_tensors_claim_enormous_shapes_is_refused(stopped_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import mona_sfl.checkpoint as ckpt
+
+    run = copy_run(stopped_run, tmp_path / "run")
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    key = sorted(state["global_online"])[0]
+    state["global_online"][key] = torch.zeros(1).expand(10**6, 10**6)  # claims 4 TB over 4 bytes of data
+    torch.save(state, run / "checkpoint.pt")
+    assert (run / "checkpoint.pt").stat().st_size < 2 * (stopped_run / "checkpoint.pt").stat().st_size  # a small file
+    (run / "checkpoint.prev.pt").unlink()  # nothing to fall back to
+    before = tree(run)
+    capsys.readouterr()
+    assert main(["train", "--quiet", "--resume", str(run), "--set", "train.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert (f"no readable checkpoint in {run} (checkpoint.pt: tensor global_online.{key} claims shape (1000000, 1000000) "
+            f"(1,000,000,000,000 elements) over 4 bytes of data: the file is damaged or crafted)") in err, err
+    assert main(["attack", str(run), "--epochs", "1"]) == 2  # every reader of checkpoints: the attack too
+    assert "claims shape (1000000, 1000000)" in capsys.readouterr().err
+    assert tree(run) == before
+
+    # a checkpoint larger than the memory left is not read at all (here: the memory is made small)
+    shutil.copy(stopped_run / "checkpoint.pt", run / "checkpoint.pt")
+    monkeypatch.setattr(ckpt, "available_memory", lambda: 1000)
+    assert main(["train", "--quiet", "--resume", str(run), "--set", "train.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    size = sum(i.file_size for i in zipfile.ZipFile(run / "checkpoint.pt").infolist())
+    assert f"{run / 'checkpoint.pt'} holds {size:,} bytes of tensors, more than the 1,000 bytes of memory available" in err, err

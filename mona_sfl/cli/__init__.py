@@ -18,6 +18,7 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 from mona_sfl.errors import UserError
 
@@ -107,9 +108,48 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # no space, read-only, permission, name too long: one line, the path and the cause
         from mona_sfl.checkpoint import os_error_text
 
-        print(f"mona-sfl: error: {os_error_text(e)}; the previous checkpoint is kept: fix the cause, then continue "
-              f"with `mona-sfl train --resume RUN_DIR` if a run was started", file=sys.stderr)
+        print(f"mona-sfl: error: {os_error_text(e)}; {os_error_advice(args)}", file=sys.stderr)
         return EXIT_FAILED
 
 
-__all__ = ["COMMANDS", "EXIT_FAILED", "EXIT_USAGE", "add_settings", "main", "parser"]
+def _continue_run(run_dir: Path, how: str = "") -> str | None:
+    """How to go on with the run a new-run command started in ``run_dir`` once the cause of an OS
+    error is fixed; None when the folder holds no run (or cannot be read)."""
+    from mona_sfl.checkpoint import CHECKPOINT, CONFIG, PREVIOUS
+
+    try:
+        if (run_dir / CHECKPOINT).exists() or (run_dir / PREVIOUS).exists():
+            return f"the last checkpoint in {run_dir} is kept: fix the cause, then continue with `mona-sfl train --resume {run_dir}`{how}"
+        if (run_dir / CONFIG).exists():
+            return f"{run_dir} holds no checkpoint yet: fix the cause, delete the folder, then run the same command again"
+    except OSError:  # the folder itself cannot be read: the cause comes first
+        pass
+    return None
+
+
+def os_error_advice(args: argparse.Namespace) -> str:
+    """What to do after an OS error, for the command that met it: only a training run is resumed."""
+    from mona_sfl.checkpoint import SUMMARY
+
+    again = "fix the cause, then run the same command again"
+    if args.command == "train":
+        if args.resume:
+            return f"the last checkpoint in {args.resume} is kept: {again}"
+        if args.seeds is not None:
+            out = Path(args.out) if args.out else None
+            folders = sorted(out.glob("seed*")) if out is not None and out.is_dir() else []
+            steps = [a for a in (_continue_run(d) for d in folders if not (d / SUMMARY).exists()) if a and "--resume" in a]
+            return "; ".join(steps) + " (then the seeds not started yet with --seeds and another --out)" if steps else again
+        if args.out:
+            return _continue_run(Path(args.out)) or again
+        return f"{again}, or continue the run it started with `mona-sfl train --resume RUN_DIR`"
+    if args.command == "study":
+        return f"{again}: it keeps the finished rows and resumes the unfinished runs"
+    if args.command in ("deploy-local", "flwr-run") and args.out:
+        return _continue_run(Path(args.out), " (on Flower's simulation engine)") or again
+    if args.command == "attack" and args.run_dir:
+        return f"the run's checkpoints in {args.run_dir} are unchanged: {again}"
+    return again
+
+
+__all__ = ["COMMANDS", "EXIT_FAILED", "EXIT_USAGE", "add_settings", "main", "os_error_advice", "parser"]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -77,6 +76,13 @@ def superlink_up() -> bool:
         return False
 
 
+def stop_processes(pids: list[int], wait_s: float = 10.0) -> None:
+    """SIGTERM to ``pids``, SIGKILL to those left after ``wait_s`` (a pid reused meanwhile is left alone)."""
+    from mona_sfl.runtime.reaper import reap, start_time
+
+    reap({pid: st for pid in pids if (st := start_time(pid)) is not None}, grace_s=wait_s)
+
+
 def local_superlinks(flwr_home: Path) -> list[int]:
     """Pids of simulation SuperLinks whose state lives in ``flwr_home`` (the one ``flwr run`` starts)."""
     db = str(flwr_home / "local-superlink")
@@ -94,28 +100,9 @@ def local_superlinks(flwr_home: Path) -> list[int]:
     return pids
 
 
-def stop_pids(pids: list[int], wait_s: float = 10.0) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-        time.sleep(0.1)
-    for pid in pids:
-        if Path(f"/proc/{pid}").exists():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def run(args: argparse.Namespace) -> int:
-    from mona_sfl.checkpoint import SUMMARY, check_new_run_dir
-    from mona_sfl.cli.train import print_summary
+    from mona_sfl.checkpoint import check_new_run_dir, lock_run_dir
     from mona_sfl.config import load_config, resolve_config_path
-    from mona_sfl.runtime.flower.run_config import app_config_toml
 
     if args.timeout < 0:
         raise ConfigError(f"--timeout must be >= 0, got {args.timeout:g}")
@@ -123,6 +110,16 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.out).resolve()  # the ServerApp runs in another process and folder
     check_new_run_dir(run_dir)
     project = project_dir(args.project)
+    with lock_run_dir(run_dir, "flwr-run"):  # one writer per folder: held until the run has ended
+        check_new_run_dir(run_dir)  # again under the lock, before any process starts
+        return _flwr_run(args, cfg, project, run_dir)
+
+
+def _flwr_run(args: argparse.Namespace, cfg: Any, project: Path, run_dir: Path) -> int:
+    from mona_sfl.checkpoint import SUMMARY
+    from mona_sfl.cli.train import print_summary
+    from mona_sfl.runtime.flower.run_config import app_config_toml
+
     flwr_home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -146,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             rc_code = 1
         finally:
             if started_here and not args.keep_superlink:
-                stop_pids(local_superlinks(flwr_home))
+                stop_processes(local_superlinks(flwr_home))
             elif started_here:
                 print(f"the local SuperLink keeps running (stop it with: kill {' '.join(map(str, local_superlinks(flwr_home)))})", file=sys.stderr)
     if rc_code != 0:

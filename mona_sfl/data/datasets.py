@@ -318,6 +318,28 @@ def _decode_pil(path: Path, data: bytes) -> torch.Tensor:
         raise DataError(f"imagefolder: cannot decode image file {str(path)!r} ({exc}); delete or replace it") from exc
 
 
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest image file read: 8 bytes per pixel (16-bit RGBA, uncompressed) of ``max_pixels``
+    pixels, plus 16 MiB of metadata. A larger file is refused before it is read into memory."""
+    return 8 * int(max_pixels) + (16 << 20)
+
+
+def _read_image_file(path: Path, max_pixels: int) -> bytes:
+    """The bytes of one image file, DataError (before reading) when it is larger than any image of
+    ``max_pixels`` pixels can be; at most that many bytes are read even if the file grows meanwhile."""
+    limit = max_file_bytes(max_pixels)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(limit + 1) if size <= limit else b""
+    if size > limit or len(data) > limit:
+        size = max(size, len(data))
+        raise DataError(
+            f"imagefolder: image file {str(path)!r} is too large ({size:,} bytes; data.max_image_pixels={max_pixels} allows "
+            f"files of at most {limit:,} bytes): shrink or delete it, or raise data.max_image_pixels if you trust it"
+        )
+    return data
+
+
 def _check_pixels(path: Path, data: bytes, max_pixels: int) -> None:
     """DataError before decoding an image of more than ``max_pixels`` pixels (a decompression bomb)."""
     from io import BytesIO
@@ -358,7 +380,7 @@ def _load_imagefolder(root: Path, split: str, image_size: int, max_pixels: int =
         for k in rows:
             path = files[k]
             try:
-                data = path.read_bytes()
+                data = _read_image_file(path, max_pixels)
             except OSError as exc:  # a broken link, no permission, a vanished file
                 raise DataError(
                     f"imagefolder: cannot read image file {str(path)!r} ({exc.strerror or exc}); "

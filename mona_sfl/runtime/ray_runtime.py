@@ -29,7 +29,8 @@ Cluster
     ``MONA_SFL_RAY_SHIP_CODE=0`` when every node has it installed). Every node needs the same
     Python packages (torch, torchvision, numpy) and, for real datasets, ``data.dir`` at the
     same path. Without an address a private local instance is started and stopped by
-    :meth:`close`. A process that already called ``ray.init`` is reused as it is; with
+    :meth:`close`; its processes end with the driver also when it is killed
+    (:mod:`mona_sfl.runtime.reaper`). A process that already called ``ray.init`` is reused as it is; with
     ``MONA_SFL_RAY_REUSE_ACTORS=1`` the actors are then kept warm by :meth:`close` for the next
     runtime of the same settings (an actor start imports torch and torchvision: several
     CPU-seconds), see :func:`drain_pool`.
@@ -60,6 +61,7 @@ from mona_sfl.build import build_host
 from mona_sfl.config import Config, ConfigError, from_flat, to_flat
 from mona_sfl.core.host import ClientHost
 from mona_sfl.core.sync import GlobalFronts
+from mona_sfl.runtime.reaper import Reaper
 from mona_sfl.runtime.sharded import HostUnavailable, ShardedRuntime, Transport, serve
 from mona_sfl.threads import cpus, set_threads
 
@@ -257,6 +259,7 @@ class RayTransport(Transport):
         self.step_timeout_s = float(cfg.ray.step_timeout_s)
         self.start_timeout_s = max(self.step_timeout_s, _MIN_START_TIMEOUT_S)
         self.started_ray = False
+        self._reaper: Reaper | None = None
         self._closed = False
         self._slots: list[_Slot] = []
         self._connect()
@@ -294,6 +297,8 @@ class RayTransport(Transport):
                     raise ConfigError(f"{where}={addr}: cannot connect to a Ray cluster ({e}){_HOWTO}") from None
             else:
                 ray.init(address="local", num_cpus=cpus(), include_dashboard=False, **common)
+                self._reaper = Reaper()  # its processes end with this one, also after a SIGKILL
+                self._reaper.record()
         self.started_ray = True
 
     def _actor_options(self) -> dict[str, Any]:
@@ -360,6 +365,8 @@ class RayTransport(Transport):
             if not retry:
                 break
             refs = retry
+        if self._reaper is not None:
+            self._reaper.record()  # the actors' worker processes
         log.info(
             "ray runtime: %d clients in %d actors on %d node(s) (%d client threads/actor, %s)",
             self.cfg.fed.num_clients, len(self._slots), len(set(self.actor_nodes)), self.cfg.train.client_threads, self._device,
@@ -434,6 +441,13 @@ class RayTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        try:
+            self._stop()
+        finally:
+            if self._reaper is not None:
+                self._reaper.close()
+
+    def _stop(self) -> None:
         if not ray.is_initialized():
             return
         key = self._pool_key() if getattr(self, "_reuse", False) else None

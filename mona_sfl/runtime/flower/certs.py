@@ -14,7 +14,11 @@
 ``supernode-I.pub``    its public key (OpenSSH format), what ``flwr supernode register`` takes
 =====================  =====================================================================
 
-Private keys are written unencrypted with mode 0600; existing files are never overwritten.
+Private keys are written unencrypted with mode 0600. Existing files are never overwritten:
+before anything is written, every file that would be is checked, and one that exists (a link
+included) is an error naming them all; nothing is half-written (a SuperNode key whose ``.pub``
+belongs to another key, a CA without its server certificate). ``force=True`` (``--force``)
+replaces them instead, each file at once (written beside it, then renamed over it).
 A SuperLink started with ``--enable-supernode-auth`` refuses every SuperNode whose public key
 was not registered through its Control API (``flwr supernode register KEY.pub CONNECTION``).
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -49,15 +54,51 @@ def node_key_paths(out: Path, index: int) -> tuple[Path, Path]:
     return Path(out) / f"supernode-{index}.key", Path(out) / f"supernode-{index}.pub"
 
 
-def _write(path: Path, data: bytes, *, private: bool) -> None:
-    """Create ``path`` (never overwrite); private keys get mode 0600 from the start."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+#: File name -> (content, private). What one command writes, made in memory before anything is written.
+Files = dict[str, tuple[bytes, bool]]
+
+
+def _write_all(out: Path, files: Files, *, force: bool = False) -> list[Path]:
+    """Write ``files`` into ``out``: all of them or (on an error) none. Without ``force`` a file
+    that exists is refused before anything is written; with it, each is replaced at once."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CertError(f"{out} exists and is not a folder")
+    if not force:
+        taken = [out / name for name in files if os.path.lexists(out / name)]
+        if taken:
+            what = f"{taken[0]} already exists" if len(taken) == 1 else f"{', '.join(map(str, taken))} already exist"
+            raise CertError(f"{what}: keys and certificates are never overwritten: choose another folder, "
+                            f"delete {'it' if len(taken) == 1 else 'them'}, or pass --force to replace them")
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
     try:
-        fd = os.open(path, flags, 0o600 if private else 0o644)
-    except FileExistsError:
-        raise CertError(f"{path} already exists: choose an empty folder or delete it first") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+        for name, (data, private) in files.items():
+            path = out / name
+            mode = 0o600 if private else 0o644
+            if force:
+                fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+                try:
+                    os.fchmod(fd, mode)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, path)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+            else:
+                try:  # O_EXCL: a file made meanwhile is not overwritten either
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+                except FileExistsError:
+                    raise CertError(f"{path} already exists (it appeared while the keys were written): nothing was written") from None
+                written.append(path)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+    except BaseException:
+        for path in written:  # files this call created; a replaced file cannot be restored
+            path.unlink(missing_ok=True)
+        raise
+    return [out / name for name in files]
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -77,12 +118,8 @@ def _san(hosts: tuple[str, ...]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def make_ca_and_server(out: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, days: int = 365) -> None:
-    """``ca.crt``/``ca.key`` and ``server.pem``/``server.key`` (SANs = ``hosts``) in ``out``."""
-    out = Path(out)
-    for name in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY):
-        if (out / name).exists():
-            raise CertError(f"{out / name} already exists: choose an empty folder or delete it first")
+def ca_and_server(hosts: tuple[str, ...] = DEFAULT_HOSTS, days: int = 365) -> Files:
+    """``ca.crt``/``ca.key`` and ``server.pem``/``server.key`` (SANs = ``hosts``), in memory."""
     san = _san(hosts)
     now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)  # tolerate small clock skew
     until = now + dt.timedelta(days=days)
@@ -133,33 +170,39 @@ def make_ca_and_server(out: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, days: 
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    out.mkdir(parents=True, exist_ok=True)
-    _write(out / CA_KEY, _key_pem(ca_key), private=True)
-    _write(out / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
-    _write(out / SERVER_KEY, _key_pem(server_key), private=True)
-    _write(out / SERVER_CERT, server_cert.public_bytes(serialization.Encoding.PEM), private=False)
+    return {
+        CA_KEY: (_key_pem(ca_key), True),
+        CA_CERT: (ca_cert.public_bytes(serialization.Encoding.PEM), False),
+        SERVER_KEY: (_key_pem(server_key), True),
+        SERVER_CERT: (server_cert.public_bytes(serialization.Encoding.PEM), False),
+    }
+
+
+def node_key(index: int) -> Files:
+    """SuperNode ``index``'s authentication key pair (EC P-384, OpenSSH format), in memory."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    return {f"supernode-{index}.key": (private, True), f"supernode-{index}.pub": (pub + f" supernode-{index}\n".encode(), False)}
 
 
 def make_node_key(out: Path, index: int) -> tuple[Path, Path]:
-    """SuperNode ``index``'s authentication key pair (EC P-384, OpenSSH format); returns (private, public)."""
-    key_path, pub_path = node_key_paths(out, index)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    _write(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()), private=True)
-    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write(pub_path, pub + f" supernode-{index}\n".encode(), private=False)
-    return key_path, pub_path
+    """Write SuperNode ``index``'s key pair into ``out``; returns (private, public)."""
+    _write_all(out, node_key(index))
+    return node_key_paths(out, index)
 
 
-def make_test_certs(out: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, nodes: int = 0, days: int = 365) -> Path:
-    """CA, SuperLink certificate and ``nodes`` SuperNode key pairs in ``out``; returns ``out``."""
+def make_test_certs(out: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, nodes: int = 0, days: int = 365, *, force: bool = False) -> Path:
+    """CA, SuperLink certificate and ``nodes`` SuperNode key pairs in ``out``; returns ``out``.
+    Nothing is written when one of these files exists, unless ``force`` (then they are replaced)."""
     if nodes < 0:
         raise CertError(f"--nodes must be >= 0, got {nodes}")
     if days < 1:
         raise CertError(f"--days must be >= 1, got {days}")
-    make_ca_and_server(out, hosts, days)
+    files = ca_and_server(hosts, days)
     for i in range(nodes):
-        make_node_key(out, i)
+        files.update(node_key(i))
+    _write_all(out, files, force=force)
     return Path(out)
 
 
@@ -169,8 +212,10 @@ def add_node_keys(out: str | Path, nodes: int) -> list[Path]:
         raise CertError("--node-keys-only needs --nodes >= 1")
     out = Path(out)
     start = 0
-    while node_key_paths(out, start)[0].exists() or node_key_paths(out, start)[1].exists():
+    while any(os.path.lexists(p) for p in node_key_paths(out, start)):
         start += 1
-    return [make_node_key(out, i)[1] for i in range(start, start + nodes)]
-
-
+    files: Files = {}
+    for i in range(start, start + nodes):
+        files.update(node_key(i))
+    _write_all(out, files)
+    return [node_key_paths(out, i)[1] for i in range(start, start + nodes)]

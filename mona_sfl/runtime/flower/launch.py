@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mona_sfl.config import Config, replace
+from mona_sfl.runtime.reaper import Reaper
 
 
 
@@ -50,11 +51,13 @@ def simulation_backend_config(cfg: Config, *, cpus_per_client: float | None = No
     return {"client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}, "init_args": init_args}
 
 
-def start_ray_for_simulation(backend_config: dict[str, Any]) -> bool:
+def start_ray_for_simulation(backend_config: dict[str, Any]) -> Reaper | None:
     """``ray.init`` as Flower's Ray backend would call it (its ``init_args``, dashboard off, this
     process's ``sys.path`` as the workers' PYTHONPATH), here in the calling thread; then the
-    stop handlers are installed again. Returns False (and does nothing) when this process is
-    already connected to Ray.
+    stop handlers are installed again. Returns the :class:`~mona_sfl.runtime.reaper.Reaper` of
+    the local instance started (its processes end with this one, also after a SIGKILL; close it
+    after ``ray.shutdown()``), or None (and does nothing) when this process is already
+    connected to Ray.
 
     There is no setting to bind the local instance to 127.0.0.1: ``ray.init`` replaces a
     loopback ``_node_ip_address`` with the machine's address. The dashboard, the one HTTP
@@ -65,7 +68,7 @@ def start_ray_for_simulation(backend_config: dict[str, Any]) -> bool:
     from mona_sfl.interrupt import rearm
 
     if ray.is_initialized():
-        return False
+        return None
     init_args = {str(k).replace("-", "_"): v for k, v in (backend_config.get("init_args") or {}).items()}
     init_args.setdefault("include_dashboard", False)
     pythonpath = os.pathsep.join(sys.path)
@@ -76,7 +79,9 @@ def start_ray_for_simulation(backend_config: dict[str, Any]) -> bool:
         warnings.simplefilter("ignore", FutureWarning)  # RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO tip
         ray.init(**init_args)
     rearm()  # ray.init replaced the SIGTERM handler; a no-op outside stop_on_signals
-    return True
+    reaper = Reaper()
+    reaper.record()  # only this process's descendants: nothing of a cluster it attached to
+    return reaper
 
 
 def train_with_flower(
@@ -115,12 +120,12 @@ def train_with_flower(
     quiet = _DropDeprecation()
     flwr_log.addFilter(quiet)
     backend_config = backend_config or simulation_backend_config(cfg)
-    started_ray = False
+    reaper: Reaper | None = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             # Ray in this (the main) thread before the engine, which reuses it: SIGTERM stays ours
-            started_ray = start_ray_for_simulation(backend_config)
+            reaper = start_ray_for_simulation(backend_config)
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
@@ -135,10 +140,11 @@ def train_with_flower(
         finally:
             flwr_log.propagate = propagate
             flwr_log.removeFilter(quiet)
-            if started_ray:  # the backend shuts Ray down when it ends; not when it failed to start
+            if reaper is not None:  # the backend shuts Ray down when it ends; not when it failed to start
                 import ray
 
                 ray.shutdown()
+                reaper.close()
     if "error" in result:
         raise result["error"]
     if "summary" not in result:
