@@ -104,6 +104,7 @@ class FedConfig:
     intervention_rank: int = key(1, "interventions: rank r of W1, W2")
     intervention_channels: int = key(64, "interventions: channels of the slice they edit, the first N (0 = all)")
     intervention_steps: int = key(100, "interventions: Adam steps per client (lr 1e-3, batch 16)")
+    intervention_every_sync: bool = key(False, "interventions: also fit them after every sync, warm-started (docs/merging.md)")
 
 
 @dataclass(frozen=True)
@@ -673,6 +674,10 @@ def validate(cfg: Config) -> None:
     _check(f.intervention_rank >= 1, f"fed.intervention_rank must be >= 1, got {f.intervention_rank}")
     _check(f.intervention_channels >= 0, f"fed.intervention_channels must be >= 0 (0 = all), got {f.intervention_channels}")
     _check(f.intervention_steps >= 1, f"fed.intervention_steps must be >= 1, got {f.intervention_steps}")
+    _check(
+        f.interventions or not f.intervention_every_sync,
+        "fed.intervention_every_sync=true needs fed.interventions=true (it fits the interventions after every sync too)",
+    )
     _check(f.axis_keep > 0, f"fed.axis_keep must be > 0 (the kept share of each layer's rank, e.g. 0.1), got {f.axis_keep}")
 
     t = cfg.train

@@ -35,7 +35,7 @@ from mona_sfl.config import Config, dumps_toml, to_flat
 from mona_sfl.core import AGGREGATIONS
 from mona_sfl.core.sync import GlobalFronts, StateDict, sync_fronts
 from mona_sfl.eval.monitor import Monitor
-from mona_sfl.eval.personal import personalise
+from mona_sfl.eval.personal import personalise, refit
 from mona_sfl.interrupt import TrainingStopped, pause_point, rearm, set_active_run, stop_requested
 from mona_sfl.logs import RunLog, check_available
 from mona_sfl.runtime import RUNTIMES, AllClientsLost
@@ -132,6 +132,8 @@ class Trainer:
         # fed.interventions: the last sync's pre-merge online fronts, by client (personalised at the end)
         self.premerge: dict[int, StateDict] = {}
         self.interventions: dict[int, StateDict] = {}
+        # fed.intervention_every_sync: the first and last L1 of each client's latest fit
+        self.intervention_l1: dict[int, list[float]] = {}
         self.monitor = Monitor(cfg, self.train_data, self.test_data, front, self.device)
         self.aggregate = AGGREGATIONS.get(cfg.fed.aggregation)(cfg.fed)
         if runtime is None:  # the config's runtime; in-process hosts reuse the data loaded here
@@ -195,6 +197,7 @@ class Trainer:
             "global_online": self.global_online,
             "global_momentum": self.global_momentum,
             **({"premerge": self.premerge, "interventions": self.interventions} if self.cfg.fed.interventions else {}),
+            **({"intervention_l1": self.intervention_l1} if self.cfg.fed.intervention_every_sync else {}),
             "bytes": dict(self.runtime.bytes),
             "torch_rng": torch.get_rng_state(),
             # complete metrics.jsonl records that belong to this state (resume drops the rest)
@@ -218,6 +221,8 @@ class Trainer:
         if self.cfg.fed.interventions:
             self.premerge = {int(c): {k: v.to(self.device) for k, v in sd.items()} for c, sd in state["premerge"].items()}
             self.interventions = {int(c): dict(sd) for c, sd in state["interventions"].items()}
+        if self.cfg.fed.intervention_every_sync:
+            self.intervention_l1 = {int(c): list(v) for c, v in state["intervention_l1"].items()}
         self.runtime.bytes.update({k: int(v) for k, v in state["bytes"].items()})
         torch.set_rng_state(state["torch_rng"])
 
@@ -274,10 +279,19 @@ class Trainer:
         self.global_online = result.fronts.online
         if result.fronts.momentum is not None:
             self.global_momentum = result.fronts.momentum
-        self.syncs += 1
         record: dict[str, Any] = dict(result.stats)
         for name, layers in result.layers.items():
             record[f"layers_{name}"] = layers
+        if self.cfg.fed.intervention_every_sync:  # the sync's clients refit theirs on the new merged front
+            t0 = time.perf_counter()
+            with threads(self.cfg.train.server_threads):
+                self.interventions, l1, stats = refit(
+                    self.cfg, self.monitor.front, self.global_online, self.premerge, self.train_data, self.parts, self.device,
+                    self.interventions, self.syncs,
+                )
+            self.intervention_l1.update(l1)
+            record.update(stats, interv_s=time.perf_counter() - t0)
+        self.syncs += 1
         return record
 
     # ------------------------------------------------------------------ main loop
@@ -421,9 +435,15 @@ class Trainer:
         if cfg.fed.interventions and self.premerge:
             t0 = time.perf_counter()
             with threads(cfg.train.server_threads):
-                rows, self.interventions = personalise(
-                    cfg, self.monitor, self.server.online, self.global_online, self.premerge, self.train_data, self.parts
-                )
+                if cfg.fed.intervention_every_sync:  # the last sync fitted them on this merged front
+                    rows, _ = personalise(
+                        cfg, self.monitor, self.server.online, self.global_online, self.premerge, self.train_data, self.parts,
+                        fitted=self.interventions, fitted_l1=self.intervention_l1,
+                    )
+                else:
+                    rows, self.interventions = personalise(
+                        cfg, self.monitor, self.server.online, self.global_online, self.premerge, self.train_data, self.parts
+                    )
             summary["personal"] = rows
             for key in ("knn_merged", "knn_intervened", "knn_own"):
                 vals = [r[key] for r in rows if key in r]

@@ -352,3 +352,20 @@ def test_bytes_match_activation_sizes(sim_runs: dict) -> None:
     assert s["bytes_sync"] == s["syncs"] * clients * 4 * front_raw
     nodes = 2  # on the wire the merged fronts travel once per node
     assert s["flower_wire_sync"] == s["syncs"] * (clients * 2 * front_npy + nodes * 2 * front_npy)
+
+
+@pytest.mark.slow
+def test_axis_aggregation_in_simulation_equals_local(tmp_path: Path, one_thread) -> None:
+    """fed.aggregation=axis: the merge is the engine's, so Flower's simulation engine gives the
+    in-process run's records and global fronts exactly (all but the seconds the merges took)."""
+    from mona_sfl.runtime.flower.launch import train_with_flower
+
+    cfg = tiny("fed.aggregation=axis", "fed.axis_keep=0.2")
+    Trainer(cfg, tmp_path / "local", progress=False).run()
+    train_with_flower(cfg, tmp_path / "flower", progress=False)
+    timed = ("merge_s", "merge_s_m")
+    loc, sim = ([{k: v for k, v in r.items() if k not in timed} for r in step_records(tmp_path / d)] for d in ("local", "flower"))
+    assert sim == loc and sum("kept_energy" in r for r in sim) == 4
+    a, b = load_checkpoint(tmp_path / "local"), load_checkpoint(tmp_path / "flower")
+    for key in ("global_online", "global_momentum", "server"):
+        assert_same(a[key], b[key], key)

@@ -3,14 +3,16 @@ objective decreases, and the end-of-training personalisation report with exact r
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_same, crash_in_server_step, load_checkpoint, tiny_overrides
+from conftest import assert_same, crash_in_server_step, load_checkpoint, losses, step_records, tiny_overrides
 from mona_sfl.config import ConfigError, load_config
 from mona_sfl.core.intervention import Intervention, fit_intervention
+from mona_sfl.data.views import normalize
 from mona_sfl.engine import Trainer
 
 
@@ -68,6 +70,8 @@ def test_config_validation() -> None:
         load_config(None, ["fed.intervention_rank=0"])
     with pytest.raises(ConfigError, match="intervention_steps"):
         load_config(None, ["fed.intervention_steps=0"])
+    with pytest.raises(ConfigError, match="intervention_every_sync=true needs fed.interventions=true"):
+        load_config(None, ["fed.intervention_every_sync=true"])
 
 
 TINY = tiny_overrides("fed.interventions=true", "fed.intervention_steps=5", "fed.intervention_channels=4", "data.image_size=16", "train.checkpoint_every=2")
@@ -101,3 +105,64 @@ def test_train_prints_the_personalised_rows(tmp_path: Path, capsys: pytest.Captu
                "personal": [{"client": 3, "knn_merged": 10.0, "knn_intervened": 12.5, "knn_own": 20.0, "extra_params": 129, "front_params": 1416}]}
     print_summary(summary, tmp_path)
     assert "client 3: 10.00% / 12.50% / 20.00%; +129 parameters on a 1,416-parameter front" in capsys.readouterr().out
+
+
+def test_every_sync_with_a_single_sync_is_the_end_of_training_fit(tmp_path: Path) -> None:
+    """One sync: fitting after it (seed + client + clients x 0, from the identity) is exactly the
+    end-of-training fit, so the interventions and the personalised rows are the same."""
+    one = ("train.epochs=1", "fed.sync_every=0")
+    end = Trainer(load_config(None, TINY + list(one)), tmp_path / "end", progress=False).run()
+    cfg = load_config(None, TINY + [*one, "fed.intervention_every_sync=true"])
+    every = Trainer(cfg, tmp_path / "every", progress=False).run()
+    assert every["personal"] == end["personal"] and every["syncs"] == 1
+    a, b = load_checkpoint(tmp_path / "end"), load_checkpoint(tmp_path / "every")
+    assert_same(a["interventions"], b["interventions"], "interventions")
+    rec = [r for r in step_records(tmp_path / "every") if r.get("sync")]
+    assert len(rec) == 1 and rec[0]["interv_l1_last"] == sum(r["l1_last"] for r in end["personal"]) / 2
+    assert b["intervention_l1"] == {r["client"]: [r["l1_first"], r["l1_last"]] for r in end["personal"]}
+
+
+def test_every_sync_warm_starts_leaves_training_alone_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    one = ["train.server_threads=1"]  # the replay below runs on this module's one thread
+    cfg = load_config(None, TINY + [*one, "fed.intervention_every_sync=true"])
+    seen: dict[int, dict] = {}
+
+    def snapshot(t: Trainer) -> None:
+        copy = lambda d: {c: {k: v.clone() for k, v in sd.items()} for c, sd in d.items()}  # noqa: E731
+        seen[t.global_step] = {"iv": copy(t.interventions), "own": copy(t.premerge), "merged": {k: v.clone() for k, v in t.global_online.items()}, "syncs": t.syncs}
+
+    t = Trainer(cfg, tmp_path / "full", progress=False)
+    t.on_step = snapshot
+    summary = t.run()
+    # training does not see the interventions: the same losses and fronts as the end-of-training option
+    Trainer(load_config(None, TINY + one), tmp_path / "end", progress=False).run()
+    assert losses(tmp_path / "full") == losses(tmp_path / "end")
+    a, b = load_checkpoint(tmp_path / "end"), load_checkpoint(tmp_path / "full")
+    for key in ("global_online", "global_momentum", "server", "premerge"):
+        assert_same(a[key], b[key], key)
+    syncs = [r for r in step_records(tmp_path / "full") if r.get("sync")]
+    assert [r["step"] for r in syncs] == [2, 3, 5, 6] and all(r["interv_l1_first"] > 0 for r in syncs)
+    # the last sync's fit, replayed: from the previous sync's interventions, seed + client + clients x 3
+    last, before = seen[6], seen[5]
+    assert last["syncs"] == 4
+    front = t.monitor.front
+    for c in (0, 1):
+        merged, own = copy.deepcopy(front), copy.deepcopy(front)
+        merged.load_state_dict(last["merged"])
+        own.load_state_dict(last["own"][c])
+        idx = torch.as_tensor(t.parts[c], dtype=torch.long)
+        images = normalize(t.train_data.images[idx], t.train_data.mean, t.train_data.std)
+        fit = fit_intervention(merged, own, images, rank=1, width=4, steps=5, lr=1e-3, batch_size=16, seed=cfg.seed + c + 2 * 3, init=before["iv"][c])
+        assert_same({k: v.detach() for k, v in fit.intervention.state_dict().items()}, last["iv"][c], f"client {c}")
+        assert not torch.equal(before["iv"][c]["w1"], last["iv"][c]["w1"])
+    assert [[r["l1_first"], r["l1_last"]] for r in summary["personal"]] == [b["intervention_l1"][c] for c in (0, 1)]
+    assert [r["client"] for r in summary["personal"]] == [0, 1]
+    # kill and resume
+    part = tmp_path / "part"
+    with crash_in_server_step(monkeypatch, 6):
+        Trainer(cfg, part, progress=False).run()
+    resumed = Trainer.resume(part, progress=False).run(resumed=True)
+    assert resumed["personal"] == summary["personal"] and losses(part) == losses(tmp_path / "full")
+    c = load_checkpoint(part)
+    for key in ("interventions", "intervention_l1", "premerge"):
+        assert_same(b[key], c[key], key)

@@ -70,10 +70,12 @@ def fit_intervention(
     lr: float = 1e-3,
     batch_size: int = 16,
     seed: int = 0,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> InterventionFit:
     """Train an intervention on ``merged``'s output towards ``own``'s (both frozen, eval mode) on
     ``images`` (float, normalised, (N, 3, H, W)); batches drawn by a generator seeded with ``seed``.
-    ``width``: the first ``width`` output channels (all of them when 0 or more than there are)."""
+    ``width``: the first ``width`` output channels (all of them when 0 or more than there are).
+    ``init``: start from this intervention's state dict (a warm start) instead of the identity."""
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise ValueError("fit_intervention needs steps >= 1, batch_size >= 1 and lr > 0")
     merged.eval()
@@ -81,6 +83,8 @@ def fit_intervention(
     with torch.no_grad():
         channels = int(merged(images[:1]).shape[1])
     iv = Intervention(channels, rank=rank, width=min(width, channels), seed=seed).to(images.device)
+    if init is not None:
+        iv.load_state_dict(init)
     opt = torch.optim.Adam(iv.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     losses = []
