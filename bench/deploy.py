@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - keep the other modes' numbers
             r = {"mode": m, "error": f"{type(e).__name__}: {e}"}
         rows.append(r)
-        print(f"  {m}: {r.get('error') or f'median {r['median']:.3f} s/step'}", file=sys.stderr, flush=True)
+        state = r["error"] if "error" in r else f"median {r['median']:.3f} s/step"
+        print(f"  {m}: {state}", file=sys.stderr, flush=True)
     sim = next((r for r in rows if r["mode"] == "sim" and "error" not in r), None)
     print(f"{'mode':12} {'median s/step':>13} {'min':>7} {'max':>7} {'x sim':>6} {'server':>7} {'wait':>7} {'compute':>7} "
           f"{'load':>5} {'wall s':>7} final loss")

@@ -15,7 +15,7 @@ from mona_sfl.config import load_config
 
 flwr = pytest.importorskip("flwr")
 
-from mona_sfl.runtime.flower import supernode  # noqa: E402
+from mona_sfl.runtime.flower import polling, supernode  # noqa: E402
 from mona_sfl.runtime.flower.clientapp_worker import ClientAppWorker  # noqa: E402
 from mona_sfl.runtime.flower.clientapp_worker import main as worker_main  # noqa: E402
 
@@ -45,7 +45,7 @@ class FakeClock:
 # ----------------------------------------------------------------------------- SuperNode poll intervals
 def test_poll_clock_shortens_exactly_the_two_supernode_sleeps() -> None:
     fake = FakeClock()
-    clock = supernode.PollClock(0.05, 0.01, clock=fake)  # type: ignore[arg-type]
+    clock = polling.PollClock(0.05, 0.01, clock=fake)  # type: ignore[arg-type]
     for s in (3, 0.5, 3.0, 1, 0.2, 0.5):
         clock.sleep(s)
     assert fake.slept == [0.05, 0.01, 0.05, 1, 0.2, 0.01]
@@ -53,29 +53,29 @@ def test_poll_clock_shortens_exactly_the_two_supernode_sleeps() -> None:
 
 
 def test_poll_intervals_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(supernode.IDLE_ENV, raising=False)
-    assert supernode.interval(supernode.IDLE_ENV, 0.05) == 0.05
-    monkeypatch.setenv(supernode.IDLE_ENV, " 0.2 ")
-    assert supernode.interval(supernode.IDLE_ENV, 0.05) == 0.2
+    monkeypatch.delenv(polling.IDLE_ENV, raising=False)
+    assert polling.interval(polling.IDLE_ENV, 0.05) == 0.05
+    monkeypatch.setenv(polling.IDLE_ENV, " 0.2 ")
+    assert polling.interval(polling.IDLE_ENV, 0.05) == 0.2
     for bad in ("abc", "0", "-1", "nan", "inf", "61"):
-        monkeypatch.setenv(supernode.IDLE_ENV, bad)
-        with pytest.raises(ValueError, match=supernode.IDLE_ENV):
-            supernode.interval(supernode.IDLE_ENV, 0.05)
+        monkeypatch.setenv(polling.IDLE_ENV, bad)
+        with pytest.raises(ValueError, match=polling.IDLE_ENV):
+            polling.interval(polling.IDLE_ENV, 0.05)
 
 
 def test_main_refuses_a_bad_interval_before_starting(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv(supernode.REPLY_ENV, "soon")
+    monkeypatch.setenv(polling.REPLY_ENV, "soon")
     with pytest.raises(SystemExit) as e:
         supernode.main(["--insecure"])
-    assert e.value.code == 2 and supernode.REPLY_ENV in capsys.readouterr().err
+    assert e.value.code == 2 and polling.REPLY_ENV in capsys.readouterr().err
 
 
 def test_patch_reaches_flowers_supernode_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     from flwr.supernode import start_client_internal as sci
 
     monkeypatch.setattr(sci, "time", sci.time)  # restored after the test
-    assert supernode.patch(0.02, 0.003) is True
-    assert isinstance(sci.time, supernode.PollClock)
+    assert polling.patch_supernode_loop(0.02, 0.003) is True
+    assert isinstance(sci.time, polling.PollClock)
     assert (sci.time.idle_s, sci.time.reply_s) == (0.02, 0.003)
     t0 = time.perf_counter()
     sci.time.sleep(3)  # what the loop calls after an empty pull
@@ -88,8 +88,35 @@ def test_patch_leaves_an_unknown_flower_alone(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(sci, "time", sci.time)
     monkeypatch.setattr(flwr, "__version__", "1.43.0")
     with pytest.warns(RuntimeWarning, match="1.43.0"):
-        assert supernode.patch(0.02, 0.003) is False
+        assert polling.patch_supernode_loop(0.02, 0.003) is False
     assert sci.time is time
+
+
+def test_object_pull_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+        monkeypatch.setattr(fn, "__kwdefaults__", dict(fn.__kwdefaults__))  # restored after the test
+        assert (fn.__kwdefaults__["initial_backoff"], fn.__kwdefaults__["backoff_cap"]) == (1, 10)  # Flower's
+    monkeypatch.setenv(polling.BACKOFF_ENV, "0.02")
+    monkeypatch.delenv(polling.BACKOFF_CAP_ENV, raising=False)
+    assert polling.apply() == {"backoff_s": 0.02, "backoff_cap_s": 0.2}
+    for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+        assert (fn.__kwdefaults__["initial_backoff"], fn.__kwdefaults__["backoff_cap"]) == (0.02, 0.2)
+    # what Flower's pull loop then does: an object that is not there yet is asked for again after ~0.02 s
+    calls: list[float] = []
+
+    def pull(object_id: str) -> bytes:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise iu.ObjectUnavailableError(object_id)
+        return b"x"
+
+    assert iu.pull_objects(["a"], pull) == {"a": b"x"}
+    assert len(calls) == 3 and calls[-1] - calls[0] < 0.5  # Flower's own back-off: 1 s + 2 s
+    monkeypatch.setenv(polling.BACKOFF_CAP_ENV, "-3")
+    with pytest.raises(ValueError, match=polling.BACKOFF_CAP_ENV):
+        polling.apply()
 
 
 # ----------------------------------------------------------------------------- the ClientApp worker
@@ -139,6 +166,17 @@ def test_deploy_refuses_bad_speed_settings(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="supernode_poll_s"):
         deploy(cfg, 2, tmp_path / "run", supernode_poll_s=0.0)
     assert not (tmp_path / "run").exists()
+
+
+def test_deploy_local_refuses_a_bad_poll_interval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import set_args
+
+    from mona_sfl.cli import main
+
+    for bad in ("-1", "nan", "0.0001", "100"):
+        assert main(["deploy-local", "--out", str(tmp_path / "run"), "--supernode-poll", bad, *set_args()]) == 2
+        assert "--supernode-poll" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_supernode_command_lines() -> None:

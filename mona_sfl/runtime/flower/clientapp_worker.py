@@ -16,7 +16,9 @@ and runs each task in this process with the steps of Flower's ``flwr-clientapp``
 task's token, run the ClientApp, push the reply, push the context and the task's status.
 What a fresh process would redo for every message is done once: the FAB is installed and
 the ClientApp loaded once per FAB, torch imported once, and the node's data and partition
-built once (``mona_sfl.runtime.flower.node`` caches them per process).
+built once (``mona_sfl.runtime.flower.node`` caches them per process). Flower's object-pull
+back-off is shortened in this process (:mod:`mona_sfl.runtime.flower.polling`): the SuperNode
+hands out a task before it has pulled the message's objects from the SuperLink.
 
 The ClientApp itself is unchanged: it still rebuilds its host from ``context.state`` for
 every message, so a node computes exactly what it computes with Flower's fresh processes
@@ -104,9 +106,12 @@ class ClientAppWorker:
         message = reply = context = None
         sub_status, details, ok = SubStatus.FAILED, "ClientApp task failed due to unknown reason", False
         heartbeat.start()
+        t = [time.perf_counter()]
         try:
             message, context, run, fab = pull_task_input(client)
+            t.append(time.perf_counter())
             reply = self._app(run, fab)(message=message, context=context)
+            t.append(time.perf_counter())
             sub_status, details, ok = SubStatus.COMPLETED, "", not reply.has_error()
         except Exception as ex:  # noqa: BLE001 - as flwr-clientapp: the error goes back to the ServerApp
             code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -127,6 +132,10 @@ class ClientAppWorker:
                 heartbeat.stop()
             client.close()
             self.tasks += 1
+            t.append(time.perf_counter())
+            log.info("task %d (%s): %s in %.3f s: pull %.3f s, ClientApp %.3f s, push %.3f s", self.tasks,
+                     message.metadata.message_type if message is not None else "-", "ok" if ok else "failed", t[-1] - t[0],
+                     *([t[1] - t[0], t[2] - t[1], t[3] - t[2]] if len(t) == 4 else [float("nan")] * 3))
         return ok
 
     def serve(self, stop: threading.Event | Callable[[], bool] | None = None, max_tasks: int | None = None) -> int:
@@ -160,8 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not 0.001 <= args.poll <= 60:
         ap.error(f"--poll must be between 0.001 and 60 seconds, got {args.poll}")
+    from mona_sfl.runtime.flower import polling
+
+    try:
+        polling.apply()  # objects of a message the SuperNode is still pulling: look again soon, not after 1 s
+    except ValueError as e:
+        ap.error(str(e))
     certs = Path(args.root_certificates).read_bytes() if args.root_certificates else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda *_: stop.set())

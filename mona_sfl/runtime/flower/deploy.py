@@ -50,7 +50,7 @@ CONNECTION = "deploy"
 #: (:mod:`mona_sfl.runtime.flower.clientapp_worker`, the SuperNode in ``--isolation process``
 #: mode); "per-message", Flower's default: a fresh ``flwr-clientapp`` process per message.
 CLIENTAPP_MODES = ("persistent", "per-message")
-#: The SuperNodes' idle poll interval (Flower's own: 3 s; see :mod:`mona_sfl.runtime.flower.supernode`).
+#: The SuperNodes' idle poll interval (Flower's own: 3 s; see :mod:`mona_sfl.runtime.flower.polling`).
 DEFAULT_SUPERNODE_POLL_S = 0.05
 
 
@@ -226,7 +226,7 @@ class Running:
                        runtime_port: int | None = None) -> list[str]:
         """``flower-supernode`` command line for this SuperLink (TLS if the deployment has it).
 
-        With ``supernode_poll_s`` set it is Flower's SuperNode with that idle poll interval
+        With ``supernode_poll_s`` set it is Flower's SuperNode with shorter polls
         (:mod:`mona_sfl.runtime.flower.supernode`); with ``clientapp="persistent"`` it runs in
         ``--isolation process`` mode (its ClientApp worker is started by :meth:`start_supernode`).
         """
@@ -320,8 +320,9 @@ def deploy(
 
     Speed (docs/performance.md): ``clientapp`` is one of :data:`CLIENTAPP_MODES` (default
     "persistent": one ClientApp process per SuperNode that stays up); ``supernode_poll_s`` is
-    the SuperNodes' idle poll interval (their reply poll is a fifth of it, at most 0.5 s;
-    ``None``: Flower's stock ``flower-supernode``, 3 s and 0.5 s). ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``
+    the SuperNodes' idle poll interval (their reply poll is a fifth of it, at most 0.5 s; every
+    process's object-pull back-off starts at 0.01 s; ``None``: Flower's stock ``flower-supernode``,
+    3 s and 0.5 s, and Flower's back-off, 1 s doubling to 10 s; see :mod:`mona_sfl.runtime.flower.polling`). ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``
     (Flower's SuperExec, which starts the ServerApp and, per message, the ``flwr-clientapp``
     processes) is 0.1 s unless the environment sets it.
     """
@@ -350,7 +351,8 @@ def deploy(
         # SuperExec looks for new ServerApp/ClientApp tasks every second by default
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"),
         "PYTHONUNBUFFERED": "1",
-        **({} if supernode_poll_s is None else {
+        # read by mona_sfl.runtime.flower.polling in every process (SuperNodes, ClientApp workers, ServerApp)
+        **({"MONA_SFL_PULL_BACKOFF_S": "1", "MONA_SFL_PULL_BACKOFF_CAP_S": "10"} if supernode_poll_s is None else {
             "MONA_SFL_SUPERNODE_POLL_S": str(supernode_poll_s),
             "MONA_SFL_SUPERNODE_REPLY_POLL_S": str(min(0.5, max(0.001, supernode_poll_s / 5))),
         }),

@@ -104,6 +104,10 @@ def make_server_app(cfg: Config | None = None, run_dir: str | Path | None = None
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
+            if type(grid).__name__ != "InMemoryGrid":  # deployed: replies' objects arrive after the replies
+                from mona_sfl.runtime.flower import polling
+
+                polling.apply()
             rc = dict(context.run_config)
             if cfg is not None:
                 run_cfg, out, prog, res, steps = cfg, run_dir, progress, resume, max_steps
