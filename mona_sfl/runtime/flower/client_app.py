@@ -21,9 +21,11 @@ Every payload is an ArrayRecord / ConfigRecord: nothing is pickled.
 
 Every handler decodes its records, hands the request to the node's host
 (``serve_message``: rebuild from ``context.state``, :func:`mona_sfl.runtime.sharded.serve`, save)
-and encodes the reply. In deployment every message runs in a fresh ``flwr-clientapp`` process,
-so this module imports torch (and the models, which import torchvision) only in the handlers that compute:
-``query.meta`` and ``query.echo`` cost a Python start and ``import flwr``, nothing more.
+and encodes the reply. Deployed with Flower's default isolation every message runs in a fresh
+``flwr-clientapp`` process (``mona-sfl deploy-local`` keeps one process per SuperNode up instead:
+:mod:`mona_sfl.runtime.flower.clientapp_worker`), so this module imports torch (and the models,
+which import torchvision) only in the handlers that compute: ``query.meta`` and ``query.echo``
+cost a Python start and ``import flwr``, nothing more.
 """
 
 from __future__ import annotations
