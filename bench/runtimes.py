@@ -41,8 +41,16 @@ Other columns, all over the same measured gaps unless said otherwise:
   on average 0.05 s per exchange, and the Ray call; client/st minus it is message encoding and
   decoding in the ServerApp) and the exchanges per step (1 without syncs).
 
+- ``client ratio``: client/st over local's client/st (the client phase alone).
+- ``actors at once`` (note, Ray): the actors' step-request compute summed over the measured steps,
+  divided by the wall time during which at least one of them computed: 1.0 if they took turns,
+  A if A actors always ran side by side (see ``concurrency``).
+
 Runtimes (``--runtimes``, comma-separated): ``local``; ``ray`` (the config's ``ray.*`` keys) or
-``ray:AxC`` (A actors with C CPUs, i.e. C torch threads, each); ``flower`` (simulation engine,
+``ray:AxC`` (A actors with C CPUs, i.e. C torch threads, each); ``raycluster:NxC`` (N actors on a
+``ray.cluster_utils.Cluster`` of N nodes of C CPUs each, started on this machine for the run and
+stopped after it: every node has its own raylet and object store, so activations cross nodes
+as they would between machines, minus the network); ``flower`` (simulation engine,
 ``flower.cpus_per_client`` from the config) or ``flower:C`` (C CPUs per ClientApp).
 ``local`` runs the clients one after another; Ray and Flower run them in parallel processes, as
 many as the CPUs allow, so on a machine with many cores their ratio also measures
@@ -104,21 +112,78 @@ def timing_keys(total_steps: int) -> list[str]:
     ]
 
 
+def _actors_x_cpus(spec: str, arg: str) -> tuple[int, float]:
+    actors, x, cpus = arg.partition("x")
+    try:
+        n, c = int(actors), float(cpus)
+    except ValueError:
+        n, c = 0, 0.0
+    if not (x and actors.isdigit() and n > 0 and c > 0):
+        raise ValueError(f"runtime {spec!r}: expected {spec.partition(':')[0]}:AxC with A >= 1 actors of C > 0 CPUs, e.g. ray:2x1")
+    return n, c
+
+
 def runtime_overrides(spec: str) -> list[str]:
-    """``local``, ``ray``, ``ray:AxC``, ``flower``, ``flower:C`` -> config overrides."""
+    """``local``, ``ray``, ``ray:AxC``, ``raycluster:NxC``, ``flower``, ``flower:C`` -> config overrides.
+
+    ``raycluster:NxC`` is ``ray:NxC`` on a cluster of N nodes of C CPUs each (one actor per node),
+    started by :func:`measure` with ``ray.cluster_utils.Cluster``; its address is added there.
+    """
     name, _, arg = spec.partition(":")
     if name == "local" and not arg:
         return ["runtime=local"]
-    if name == "ray":
-        if not arg:
-            return ["runtime=ray"]
-        actors, x, cpus = arg.partition("x")
-        if not (x and actors.isdigit()):
-            raise ValueError(f"runtime {spec!r}: expected ray:AxC, e.g. ray:2x1")
-        return ["runtime=ray", f"ray.num_actors={int(actors)}", f"ray.cpus_per_actor={float(cpus)}"]
+    if name == "ray" and not arg:
+        return ["runtime=ray"]
+    if name in ("ray", "raycluster"):
+        actors, cpus = _actors_x_cpus(spec, arg)
+        return ["runtime=ray", f"ray.num_actors={actors}", f"ray.cpus_per_actor={cpus}"]
     if name == "flower":
         return ["runtime=flower"] + ([f"flower.cpus_per_client={float(arg)}"] if arg else [])
-    raise ValueError(f"unknown runtime {spec!r}: use local, ray, ray:AxC, flower or flower:C")
+    raise ValueError(f"unknown runtime {spec!r}: use local, ray, ray:AxC, raycluster:NxC, flower or flower:C")
+
+
+def concurrency(spans: list[list[tuple[float, float]]]) -> float:
+    """How many actors computed at once, on average over the time any of them computed.
+
+    ``spans`` holds per actor the (start, end) times of its step requests. The figure is the sum
+    of all span lengths over the length of their union: 1.0 when the actors took turns (the
+    server waited for one before asking the next), the number of actors when they always ran
+    side by side. NaN without spans.
+    """
+    flat = sorted((a, b) for per in spans for a, b in per if b > a)
+    if not flat:
+        return float("nan")
+    union, (lo, hi) = 0.0, flat[0]
+    for a, b in flat[1:]:
+        if a > hi:
+            union, lo, hi = union + hi - lo, a, b
+        else:
+            hi = max(hi, b)
+    union += hi - lo
+    return sum(b - a for a, b in flat) / union
+
+
+class _Cluster:
+    """A ``ray.cluster_utils.Cluster`` of ``nodes`` nodes of ``cpus`` CPUs each on this machine (for raycluster:NxC)."""
+
+    def __init__(self, nodes: int, cpus: float) -> None:
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "include_dashboard": False})
+        try:
+            for _ in range(nodes - 1):
+                self.cluster.add_node(num_cpus=cpus)
+            self.cluster.wait_for_nodes()
+        except BaseException:
+            self.cluster.shutdown()
+            raise
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def close(self) -> None:
+        self.cluster.shutdown()
 
 
 def cpu_seconds(path: str | None) -> float:
@@ -136,11 +201,13 @@ def cpu_seconds(path: str | None) -> float:
 
 
 def measure(overrides: list[str], *, steps: int, warmup: int, config: str | Path | None = None,
-            cpuacct: str | None = None) -> dict[str, Any]:
+            cpuacct: str | None = None, cluster_nodes: int = 0) -> dict[str, Any]:
     """Train one run of ``config`` + ``overrides`` (which select the runtime) and time its steps.
 
     Returns per-step figures over the ``steps`` gaps after ``warmup`` (see the module docstring)
     plus ``gaps`` (all measured step times), ``startup``, ``wall``, ``load``, ``threads``.
+    ``cluster_nodes`` > 0 (Ray only) runs it on a fresh ``ray.cluster_utils.Cluster`` of that many
+    nodes of ``ray.cpus_per_actor`` CPUs each, stopped afterwards.
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
@@ -165,7 +232,14 @@ def measure(overrides: list[str], *, steps: int, warmup: int, config: str | Path
         return trainer_run(self, *args, **kwargs)
 
     load = os.getloadavg()[0]
-    actor = float("nan")
+    actor = conc = float("nan")
+    cluster = None
+    if cluster_nodes:
+        if cfg.runtime != "ray":
+            raise ValueError("a Ray cluster needs runtime=ray")
+        t_cluster = time.perf_counter()
+        cluster = _Cluster(cluster_nodes, cfg.ray.cpus_per_actor)
+        cfg = load_config(config, [*overrides, *timing_keys(total), f"ray.address={cluster.address}"])
     Server.step, Trainer.run = step, run  # type: ignore[method-assign]
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -180,11 +254,16 @@ def measure(overrides: list[str], *, steps: int, warmup: int, config: str | Path
                     summary = trainer.run()
                     if hasattr(trainer.runtime, "actor_busy"):  # Ray: the slowest actor's own compute per step
                         actor = max(b[0] for b in trainer.runtime.actor_busy()) / total  # type: ignore[attr-defined]
+                        # how many actors computed at once over the measured steps (skip the warm-up ones)
+                        spans = trainer.runtime.actor_spans()  # type: ignore[attr-defined]
+                        conc = concurrency([per[warmup:] for per in spans])
                 finally:
                     trainer.runtime.close()
             wall = time.perf_counter() - t0
     finally:
         Server.step, Trainer.run = server_step, trainer_run  # type: ignore[method-assign]
+        if cluster is not None:
+            cluster.close()
     if len(marks) != total:
         raise RuntimeError(f"expected {total} server steps, saw {len(marks)}")
     first, last = marks[warmup], marks[-1]
@@ -210,6 +289,7 @@ def measure(overrides: list[str], *, steps: int, warmup: int, config: str | Path
         "load": load,
         "threads": torch.get_num_threads(),
         "actor": actor,
+        "concurrency": conc,
         "steps": summary["steps"],
     }
     if cfg.runtime == "flower":  # time waiting for the nodes' replies (compute + engine polling + Ray), exchanges
@@ -234,8 +314,10 @@ def bench(configs: list[str], runtimes: list[str], *, steps: int, warmup: int, r
         runs: dict[str, list[dict[str, Any]]] = {spec: [] for spec in runtimes}
         for _ in range(repeats):
             for spec in runtimes:
+                nodes = _actors_x_cpus(spec, spec.partition(":")[2])[0] if spec.startswith("raycluster:") else 0
                 try:
-                    r = measure([*base, *runtime_overrides(spec)], steps=steps, warmup=warmup, config=config, cpuacct=cpuacct)
+                    r = measure([*base, *runtime_overrides(spec)], steps=steps, warmup=warmup, config=config, cpuacct=cpuacct,
+                                cluster_nodes=nodes)
                 except Exception as e:  # noqa: BLE001 - one failing runtime must not lose the others' numbers
                     traceback.print_exc()
                     r = {"error": f"{type(e).__name__}: {e}"}
@@ -248,6 +330,7 @@ def bench(configs: list[str], runtimes: list[str], *, steps: int, warmup: int, r
             if "error" not in r:
                 r["ratio"] = r["median"] / ref["median"] if ref else float("nan")
                 r["cpu_ratio"] = r["cpu"] / ref["cpu"] if ref else float("nan")
+                r["client_ratio"] = r["client"] / ref["client"] if ref else float("nan")
         rows.extend(config_rows)
     return rows
 
@@ -261,7 +344,8 @@ def aggregate(config: str, spec: str, runs: list[dict[str, Any]]) -> dict[str, A
         return row
     gaps = [g for r in ok for g in r["gaps"]]
     row.update(median=statistics.median(gaps), mean=statistics.fmean(gaps), min=min(gaps), gaps=gaps)
-    for key in ("client", "server", "up_MB", "down_MB", "cpu", "startup", "wall", "load", "actor", "wait", "exchanges"):
+    for key in ("client", "server", "up_MB", "down_MB", "cpu", "startup", "wall", "load", "actor", "concurrency", "wait",
+                "exchanges"):
         if key in ok[0]:
             row[key] = statistics.fmean(r[key] for r in ok)
     row["threads"] = ok[0]["threads"]
@@ -273,7 +357,7 @@ def aggregate(config: str, spec: str, runs: list[dict[str, Any]]) -> dict[str, A
 COLUMNS = [  # header, key, format
     ("config", "config", "{:8}"), ("runtime", "runtime", "{:12}"), ("median s", "median", "{:9.4f}"),
     ("mean s", "mean", "{:8.4f}"), ("min s", "min", "{:8.4f}"), ("ratio", "ratio", "{:6.3f}"),
-    ("client/st", "client", "{:9.4f}"), ("server/st", "server", "{:9.4f}"), ("up MB/st", "up_MB", "{:8.3f}"),
+    ("client/st", "client", "{:9.4f}"), ("client ratio", "client_ratio", "{:12.3f}"), ("server/st", "server", "{:9.4f}"), ("up MB/st", "up_MB", "{:8.3f}"),
     ("down MB/st", "down_MB", "{:10.3f}"), ("startup s", "startup", "{:9.2f}"), ("load", "load", "{:5.2f}"),
     ("cpu s/st", "cpu", "{:8.4f}"), ("cpu ratio", "cpu_ratio", "{:9.3f}"),
 ]
@@ -293,6 +377,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         notes = []
         if r.get("actor", float("nan")) == r.get("actor"):
             notes.append(f"actor {r['actor']:.4f} s/st")
+        if r.get("concurrency", float("nan")) == r.get("concurrency"):
+            notes.append(f"{r['concurrency']:.2f} actors at once")
         if "wait" in r:
             notes.append(f"wait {r['wait']:.4f} s/st over {r['exchanges']:.2f} exch/st")
         if "error" in r:
@@ -304,7 +390,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="resnet,deep", help=f"comma-separated, of {', '.join(CONFIGS)}")
-    ap.add_argument("--runtimes", default="local,ray,flower", help="comma-separated: local, ray, ray:AxC, flower, flower:C")
+    ap.add_argument("--runtimes", default="local,ray,flower",
+                    help="comma-separated: local, ray, ray:AxC, raycluster:NxC, flower, flower:C")
     ap.add_argument("--steps", type=int, default=8, help="measured steps per run")
     ap.add_argument("--warmup", type=int, default=2, help="steps dropped at the start of each run")
     ap.add_argument("--repeats", type=int, default=1, help="rounds over all runtimes, alternating them")

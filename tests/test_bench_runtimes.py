@@ -72,7 +72,8 @@ def test_runtime_specs_and_table() -> None:
     assert b.runtime_overrides("ray") == ["runtime=ray"]
     assert b.runtime_overrides("ray:2x1") == ["runtime=ray", "ray.num_actors=2", "ray.cpus_per_actor=1.0"]
     assert b.runtime_overrides("flower:0.5") == ["runtime=flower", "flower.cpus_per_client=0.5"]
-    for bad in ("gpu", "ray:2", "ray:x1", "local:1"):
+    assert b.runtime_overrides("raycluster:2x1") == b.runtime_overrides("ray:2x1")  # the cluster's address is added by measure
+    for bad in ("gpu", "ray:2", "ray:x1", "local:1", "ray:0x1", "ray:2x0", "raycluster", "raycluster:2", "ray:2xone"):
         with pytest.raises(ValueError):
             b.runtime_overrides(bad)
     for name in ("tiny", "resnet", "deep", "base"):  # every named config is a valid config for every runtime
@@ -88,8 +89,18 @@ def test_runtime_specs_and_table() -> None:
     assert "nan" not in table[1] and "FAILED: ValueError: boom" in table[2]
 
 
+def test_concurrency_of_actor_spans() -> None:
+    b = load_bench()
+    assert b.concurrency([[(0.0, 1.0), (2.0, 3.0)]]) == 1.0  # one actor
+    assert b.concurrency([[(0.0, 1.0)], [(1.0, 2.0)]]) == 1.0  # two actors taking turns
+    assert b.concurrency([[(0.0, 1.0)], [(0.0, 1.0)]]) == 2.0  # side by side
+    assert b.concurrency([[(0.0, 2.0), (3.0, 4.0)], [(1.0, 2.0), (3.0, 4.0)]]) == pytest.approx(5.0 / 3.0)
+    assert b.concurrency([[(0.0, 1.0)], [(0.5, 3.0)], [(0.2, 0.4)]]) == pytest.approx(3.7 / 3.0)
+    assert math.isnan(b.concurrency([[], []]))
+
+
 def test_bench_tiny_local_and_ray() -> None:
-    """The measuring function end to end: 3 timed steps of the tiny config on local and on Ray (one actor)."""
+    """The measuring function end to end: 3 timed steps of the tiny config on local and on Ray (two actors)."""
     pytest.importorskip("ray")
     import ray
 
@@ -97,7 +108,7 @@ def test_bench_tiny_local_and_ray() -> None:
 
     b = load_bench()
     t0 = time.perf_counter()
-    rows = b.bench(["tiny"], ["local", "ray:1x1"], steps=3, warmup=1)
+    rows = b.bench(["tiny"], ["local", "ray:2x1"], steps=3, warmup=1)
     elapsed = time.perf_counter() - t0
     assert not ray.is_initialized()  # the Ray instance the run started is gone
     local, on_ray = rows
@@ -107,7 +118,10 @@ def test_bench_tiny_local_and_ray() -> None:
         assert r["min"] <= r["median"] <= max(r["gaps"]) and r["startup"] > 0
         assert r["client"] > 0 and r["server"] > 0
         assert r["client"] + r["server"] <= r["mean"] * 1.01  # both are parts of the step gap
-    assert (local["runtime"], on_ray["runtime"]) == ("local", "ray:1x1")
+    assert (local["runtime"], on_ray["runtime"]) == ("local", "ray:2x1")
+    # the server hands both actors their step before it waits for either: they compute side by side
+    # (taking turns would give 1.0; two 1-CPU actors always side by side, 2.0)
+    assert 1.3 < on_ray["concurrency"] <= 2.0
     assert local["ratio"] == 1.0 and on_ray["ratio"] > 0
     # the byte ledger has one meaning in every runtime: the protocol's payload, moved or not
     assert (local["up_MB"], local["down_MB"]) == (on_ray["up_MB"], on_ray["down_MB"])

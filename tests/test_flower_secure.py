@@ -93,7 +93,7 @@ def test_authenticated_supernode_trains_unknown_one_is_refused(tmp_path: Path) -
 
     res = deploy(
         cfg, 1, tmp_path / "run", work_dir=tmp_path / "work", tls_dir=tls, auth=True, on_ready=on_ready,
-        extra_env={"OMP_NUM_THREADS": "1"}, timeout_s=600,  # ~7 messages, each a fresh flwr-clientapp process
+        extra_env={"OMP_NUM_THREADS": "1"}, timeout_s=600,  # ~7 messages, served by the node's long-lived ClientApp process
     )
     logs = tmp_path / "work" / "logs"
     # the authenticated SuperNode trained through TLS
@@ -115,5 +115,5 @@ def test_authenticated_supernode_trains_unknown_one_is_refused(tmp_path: Path) -
     assert json.loads((run / "flower_transport.json").read_text())["flower_exchanges"] > 0
     assert "both report partition-id" not in (logs / "flwr-run-train.log").read_text()
     # every process is gone
-    assert [n for n, _ in res["started"]] == ["superlink", "supernode-0", "intruder", "keyless"]
+    assert [n for n, _ in res["started"]] == ["superlink", "supernode-0", "clientapp-0", "intruder", "keyless"]
     assert res["survivors"] == [] and tagged_pids(res["tag"]) == []

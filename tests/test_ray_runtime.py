@@ -293,3 +293,25 @@ def test_batched_clients_in_an_actor_equal_local(tmp_path: Path, cluster: dict[s
     a, b = load_checkpoint(tmp_path / "local"), load_checkpoint(tmp_path / "ray")
     for key in ("server", "global_online", "clients"):
         assert_same(a[key], b[key], key)
+
+
+def test_default_layout_is_one_actor_per_free_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ray.num_actors=0``: one actor per CPU the cluster has free, at most one per client, at least one
+    (measured fastest on 2 cores: docs/performance.md, 'Clients in parallel on Ray'); no cluster needed."""
+    from mona_sfl.runtime.ray_runtime import RayTransport
+
+    def layout(free: dict[str, float], *overrides: str) -> int:
+        t = object.__new__(RayTransport)  # only the layout logic, no Ray connection
+        t.cfg = load_config(None, ["fed.num_clients=5", *overrides])
+        t._reuse = False
+        monkeypatch.setattr(ray, "available_resources", lambda: dict(free))
+        return t.num_actors()
+
+    assert layout({"CPU": 2.0}) == 2  # this machine: ray:2x1
+    assert layout({"CPU": 16.0}) == 5  # never more actors than clients
+    assert layout({"CPU": 0.0}) == 1 and layout({}) == 1  # at least one
+    assert layout({"CPU": 3.0}, "ray.cpus_per_actor=2") == 1
+    assert layout({"CPU": 2.0}, "ray.cpus_per_actor=0.5") == 4
+    assert layout({"CPU": 8.0, "GPU": 1.0}, "ray.gpus_per_actor=0.5") == 2  # GPUs bound it too
+    assert layout({"CPU": 8.0}, "ray.num_actors=3") == 3  # an explicit layout wins
+    assert layout({"CPU": 8.0}, "ray.num_actors=9") == 5

@@ -31,6 +31,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--keep", action="store_true", help="keep the work folder (FLWR_HOME, app, logs)")
     p.add_argument("--probe", type=float, default=0.0, metavar="MB", help="first round-trip MB megabytes through every node (large-message check)")
     p.add_argument("--tls", metavar="DIR", help="TLS instead of --insecure: DIR holds ca.crt, server.pem, server.key ('auto': make throw-away ones)")
+    p.add_argument("--clientapp", choices=["persistent", "per-message"], default="persistent",
+                   help="persistent (default): one ClientApp process per SuperNode that stays up; per-message: Flower's "
+                        "default, a fresh flwr-clientapp process for every message (seconds each)")
+    p.add_argument("--supernode-poll", type=float, default=0.05, metavar="S",
+                   help="SuperNodes' idle poll interval in seconds (default %(default)s; 0 = Flower's own 3 s and 0.5 s)")
     p.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls): register DIR/supernode-I.pub, start node I with DIR/supernode-I.key")
 
 
@@ -47,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.out) if args.out else default_run_dir(cfg, "deployed")
     check_out_name(run_dir)
     check_new_run_dir(run_dir)
+    if args.supernode_poll != 0 and not 0.001 <= args.supernode_poll <= 60:
+        raise ConfigError(f"--supernode-poll must be 0 (Flower's own intervals) or between 0.001 and 60 seconds, got {args.supernode_poll}")
     if args.auth and not args.tls:
         raise CertError("--auth needs --tls DIR or --tls auto (Flower authenticates SuperNodes only over TLS)")
     if args.tls and args.tls != "auto":
@@ -69,7 +76,8 @@ def _deploy(args: argparse.Namespace, cfg: Any, run_dir: Path) -> int:
             tls = make_test_certs(auto_certs, nodes=cfg.num_nodes if args.auth else 0, days=2)
         elif args.tls:
             tls = Path(args.tls)  # checked before the lock
-        res = deploy(cfg, cfg.num_nodes, run_dir, timeout_s=args.timeout, keep=args.keep, probe_mb=args.probe, tls_dir=tls, auth=args.auth)
+        res = deploy(cfg, cfg.num_nodes, run_dir, timeout_s=args.timeout, keep=args.keep, probe_mb=args.probe, tls_dir=tls, auth=args.auth,
+                     clientapp=args.clientapp, supernode_poll_s=args.supernode_poll or None)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         print(f"mona-sfl: error: the deployment failed: {e}", file=sys.stderr)
         return EXIT_FAILED

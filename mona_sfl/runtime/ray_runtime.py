@@ -179,6 +179,7 @@ class HostActor:
         """(Re)build the host from the config (at creation, or when a warm actor is reused); then hello."""
         self.host = None
         self._busy = [0.0, 0.0, 0]
+        self._spans: list[tuple[float, float]] = []
         cfg = from_flat(flat_cfg)
         set_threads(cfg.train.client_threads)
         self.host = build_host(cfg, list(ids), device=torch.device(device))
@@ -196,17 +197,23 @@ class HostActor:
 
     def call(self, op: str, args: Any) -> Any:
         """One request of the sharded runtime (:func:`mona_sfl.runtime.sharded.serve`)."""
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, w0 = time.perf_counter(), time.process_time(), time.time()
         out = encode(op, serve(self.host, op, decode(op, args)))
         if op == "step":
-            self._busy[0] += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self._busy[0] += t1 - t0
             self._busy[1] += time.process_time() - c0
             self._busy[2] += 1
+            self._spans.append((w0, w0 + (t1 - t0)))
         return out
 
     def busy(self) -> tuple[float, float, int]:
         """(wall s, CPU s, calls) spent computing in ``step`` requests (for the benchmark's cost breakdown)."""
         return self._busy[0], self._busy[1], int(self._busy[2])
+
+    def spans(self) -> list[tuple[float, float]]:
+        """(start, end) wall-clock time (``time.time``) of every ``step`` request, in order: whether actors overlap."""
+        return list(self._spans)
 
     def debug_sleep(self, seconds: float) -> None:
         """For tests: make this actor a straggler."""
@@ -411,6 +418,10 @@ class RayTransport(Transport):
                 failures[i] = f"(node {self._slots[i].node_id[:12]}, pid {self._slots[i].pid}) died in {what} ({type(e).__name__})"
         return out, failures
 
+    def actor_spans(self) -> list[list[tuple[float, float]]]:
+        res, _ = self._gather({s.index: s.handle.spans.remote() for s in self._slots}, "spans")
+        return [v for _, v in sorted(res.items())]
+
     def discard(self, host: int) -> None:
         try:
             ray.kill(self._slots[host].handle, no_restart=True)
@@ -496,6 +507,10 @@ class RayRuntime(ShardedRuntime):
     def actor_busy(self) -> list[tuple[float, float, int]]:
         """Per actor: (wall s, CPU s, calls) spent computing in step requests, for cost breakdowns."""
         return self.transport.actor_busy()  # type: ignore[attr-defined]
+
+    def actor_spans(self) -> list[list[tuple[float, float]]]:
+        """Per actor: (start, end) wall-clock times of its step requests (see :func:`concurrency`)."""
+        return self.transport.actor_spans()  # type: ignore[attr-defined]
 
     def actor_handle(self, index: int) -> Any:
         return self.transport._slots[index].handle  # type: ignore[attr-defined]

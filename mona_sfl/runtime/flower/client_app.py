@@ -5,7 +5,8 @@ Message types (all replies carry ``ConfigRecord "meta"`` with the node's partiti
 ==================  =================================================  ==========================================
 type                content                                            reply
 ==================  =================================================  ==========================================
-``query.meta``      ``cfg``: {}                                        ``meta``: partition-id, num-partitions, pid
+``query.meta``      ``cfg``: {}                                        ``meta``: partition-id, num-partitions, pid,
+                                                                       compute_s (every reply)
 ``train.step``      ``cfg``: epoch, live, fwd, nodes; ``grad``         ``act``: ``"<cid>.q"``, ``"<cid>.k"``
                     (``"<cid>"`` -> dL/da_q of the previous step)
 ``query.fronts``    ``cfg``: epoch, live, ids, nodes                   ``o.<cid>`` / ``m.<cid>`` ArrayRecords
@@ -20,14 +21,17 @@ Every payload is an ArrayRecord / ConfigRecord: nothing is pickled.
 
 Every handler decodes its records, hands the request to the node's host
 (``serve_message``: rebuild from ``context.state``, :func:`mona_sfl.runtime.sharded.serve`, save)
-and encodes the reply. In deployment every message runs in a fresh ``flwr-clientapp`` process,
-so this module imports torch (and the models, which import torchvision) only in the handlers that compute:
-``query.meta`` and ``query.echo`` cost a Python start and ``import flwr``, nothing more.
+and encodes the reply. Deployed with Flower's default isolation every message runs in a fresh
+``flwr-clientapp`` process (``mona-sfl deploy-local`` keeps one process per SuperNode up instead:
+:mod:`mona_sfl.runtime.flower.clientapp_worker`), so this module imports torch (and the models,
+which import torchvision) only in the handlers that compute: ``query.meta`` and ``query.echo``
+cost a Python start and ``import flwr``, nothing more.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -67,6 +71,7 @@ def make_client_app(flat_config: dict[str, Any] | None = None) -> ClientApp:
     """
     app = ClientApp()
     cache: dict[str, Config] = {}
+    busy: dict[str, float] = {}  # seconds the last serve_message of this process took (reported in "meta")
 
     def config(context: Context) -> Config:
         rc = dict(context.run_config) if context.run_config else dict(flat_config or {})
@@ -82,6 +87,7 @@ def make_client_app(flat_config: dict[str, Any] | None = None) -> ClientApp:
         from mona_sfl.runtime.sharded import serve
         from mona_sfl.threads import set_threads
 
+        t0 = time.perf_counter()
         cfg = config(context)
         set_threads(cfg.train.client_threads)
         pid, _ = _partition(context)
@@ -92,10 +98,13 @@ def make_client_app(flat_config: dict[str, Any] | None = None) -> ClientApp:
             host.follow(int(c["epoch"]), _ints(c.get("live")))  # type: ignore[arg-type]
         out = serve(host, op, args)
         save_host(host, pid, nodes, context.state)
+        busy["compute_s"] = time.perf_counter() - t0
         return out
 
     def reply(msg: Message, context: Context, **records: Any) -> Message:
-        return Message(RecordDict({**records, "meta": _meta(context)}), reply_to=msg)
+        meta = _meta(context)
+        meta["compute_s"] = busy.pop("compute_s", 0.0)  # rebuild, serve and save: the node's own work
+        return Message(RecordDict({**records, "meta": meta}), reply_to=msg)
 
     @app.query("meta")
     def meta(msg: Message, context: Context) -> Message:

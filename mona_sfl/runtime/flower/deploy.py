@@ -46,6 +46,12 @@ from mona_sfl.runtime.flower.run_config import app_config_toml
 
 TAG = "MONA_SFL_DEPLOY_TAG"
 CONNECTION = "deploy"
+#: How a SuperNode runs its ClientApp: "persistent", one long-lived process per node
+#: (:mod:`mona_sfl.runtime.flower.clientapp_worker`, the SuperNode in ``--isolation process``
+#: mode); "per-message", Flower's default: a fresh ``flwr-clientapp`` process per message.
+CLIENTAPP_MODES = ("persistent", "per-message")
+#: The SuperNodes' idle poll interval (Flower's own: 3 s; see :mod:`mona_sfl.runtime.flower.polling`).
+DEFAULT_SUPERNODE_POLL_S = 0.05
 
 
 def tls_help() -> str:
@@ -213,19 +219,40 @@ class Running:
     tls_dir: Path | None
     start: Callable[[str, list[str]], subprocess.Popen[bytes]]  # tagged: stopped with the rest
     timeout_s: float = 120.0
+    clientapp: str = "persistent"  # see CLIENTAPP_MODES
+    supernode_poll_s: float | None = DEFAULT_SUPERNODE_POLL_S
 
-    def supernode_args(self, partition_id: int, num_partitions: int, key: Path | None = None) -> list[str]:
-        """``flower-supernode`` command line for this SuperLink (TLS if the deployment has it)."""
+    def supernode_args(self, partition_id: int, num_partitions: int, key: Path | None = None,
+                       runtime_port: int | None = None) -> list[str]:
+        """``flower-supernode`` command line for this SuperLink (TLS if the deployment has it).
+
+        With ``supernode_poll_s`` set it is Flower's SuperNode with shorter polls
+        (:mod:`mona_sfl.runtime.flower.supernode`); with ``clientapp="persistent"`` it runs in
+        ``--isolation process`` mode (its ClientApp worker is started by :meth:`start_supernode`).
+        """
         sec = ["--insecure"] if self.tls_dir is None else ["--root-certificates", str(self.tls_dir / CA_CERT)]
+        exe = [_bin("flower-supernode")] if self.supernode_poll_s is None else [sys.executable, "-m", "mona_sfl.runtime.flower.supernode"]
         args = [
-            _bin("flower-supernode"), *sec, "--superlink", f"127.0.0.1:{self.port}",
+            *exe, *sec, "--superlink", f"127.0.0.1:{self.port}",
             "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}",
-            # the SuperNode's own Runtime API (for its flwr-clientapp processes) stays on loopback
-            "--host", "127.0.0.1", "--port", str(free_port()),
+            # the SuperNode's own Runtime API (for its ClientApp processes) stays on loopback
+            "--host", "127.0.0.1", "--port", str(runtime_port or free_port()),
         ]
+        if self.clientapp == "persistent":
+            args += ["--isolation", "process"]
         if key is not None:
             args += ["--auth-supernode-private-key", str(Path(key).resolve())]
         return args
+
+    def start_supernode(self, partition_id: int, num_partitions: int, key: Path | None = None) -> None:
+        """Start SuperNode ``partition_id`` and, with ``clientapp="persistent"``, its ClientApp worker."""
+        port = free_port()
+        self.start(f"supernode-{partition_id}", self.supernode_args(partition_id, num_partitions, key=key, runtime_port=port))
+        if self.clientapp == "persistent":
+            self.start(f"clientapp-{partition_id}", [
+                sys.executable, "-m", "mona_sfl.runtime.flower.clientapp_worker",
+                "--runtime-api-address", f"127.0.0.1:{port}", "--insecure",  # the Runtime API is plain HTTP on loopback
+            ])
 
     def flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``flwr ARGS`` against this deployment's FLWR_HOME (the ``deploy`` connection)."""
@@ -273,6 +300,8 @@ def deploy(
     auth: bool = False,
     on_ready: Callable[[Running], None] | None = None,
     log: Any = sys.stderr,
+    clientapp: str = "persistent",
+    supernode_poll_s: float | None = DEFAULT_SUPERNODE_POLL_S,
 ) -> dict[str, Any]:
     """Run ``cfg`` through a local SuperLink and ``num_nodes`` SuperNodes.
 
@@ -288,7 +317,19 @@ def deploy(
     ``result["nodes"]``: the SuperLink's node list after the run, ``flwr supernode ls``).
     ``on_ready(running)`` is called once the SuperLink and the SuperNodes are started, before
     ``flwr run`` (tests use it to start a SuperNode the SuperLink must refuse).
+
+    Speed (docs/performance.md): ``clientapp`` is one of :data:`CLIENTAPP_MODES` (default
+    "persistent": one ClientApp process per SuperNode that stays up); ``supernode_poll_s`` is
+    the SuperNodes' idle poll interval (their reply poll is a fifth of it, at most 0.5 s; every
+    process's object-pull back-off starts at 0.01 s; ``None``: Flower's stock ``flower-supernode``,
+    3 s and 0.5 s, and Flower's back-off, 1 s doubling to 10 s; see :mod:`mona_sfl.runtime.flower.polling`). ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``
+    (Flower's SuperExec, which starts the ServerApp and, per message, the ``flwr-clientapp``
+    processes) is 0.1 s unless the environment sets it.
     """
+    if clientapp not in CLIENTAPP_MODES:
+        raise ValueError(f"clientapp={clientapp!r}: one of {', '.join(CLIENTAPP_MODES)}")
+    if supernode_poll_s is not None and not 0.001 <= supernode_poll_s <= 60:
+        raise ValueError(f"supernode_poll_s={supernode_poll_s}: between 0.001 and 60 seconds (None: Flower's 3 s)")
     if auth and tls_dir is None:
         raise ValueError("SuperNode authentication needs TLS (tls_dir)")
     if tls_dir is not None:
@@ -310,6 +351,11 @@ def deploy(
         # SuperExec looks for new ServerApp/ClientApp tasks every second by default
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"),
         "PYTHONUNBUFFERED": "1",
+        # read by mona_sfl.runtime.flower.polling in every process (SuperNodes, ClientApp workers, ServerApp)
+        **({"MONA_SFL_PULL_BACKOFF_S": "1", "MONA_SFL_PULL_BACKOFF_CAP_S": "10"} if supernode_poll_s is None else {
+            "MONA_SFL_SUPERNODE_POLL_S": str(supernode_poll_s),
+            "MONA_SFL_SUPERNODE_REPLY_POLL_S": str(min(0.5, max(0.001, supernode_poll_s / 5))),
+        }),
         **(extra_env or {}),
         # Flower spawns flower-superexec, flwr-serverapp and flwr-clientapp by name
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
@@ -350,13 +396,14 @@ def deploy(
             [_bin("flower-superlink"), *link_sec, "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"],
         )
         wait_port(port, 120, link)
-        running = Running(port=port, env=env, work=work, logs=logs, tls_dir=tls, start=start, timeout_s=timeout_s)
+        running = Running(port=port, env=env, work=work, logs=logs, tls_dir=tls, start=start, timeout_s=timeout_s,
+                          clientapp=clientapp, supernode_poll_s=supernode_poll_s)
         if auth:
             assert tls is not None
             result["registered"] = {i: running.register(node_key_paths(tls, i)[1]) for i in range(num_nodes)}
         for i in range(num_nodes):
             key = node_key_paths(tls, i)[0] if auth and tls is not None else None
-            start(f"supernode-{i}", running.supernode_args(i, num_nodes, key=key))
+            running.start_supernode(i, num_nodes, key=key)
         if on_ready is not None:
             on_ready(running)
 

@@ -1,8 +1,9 @@
 """The client host of one Flower SuperNode, rebuilt from ``context.state`` for every message.
 
 A ClientApp may run each message in a different process (a fresh ``flwr-clientapp`` per
-message in deployment, any Ray actor in simulation), so nothing survives between messages
-except ``context.state``. For every message the node:
+message in a default deployment, any Ray actor in simulation), so nothing survives between
+messages except ``context.state`` (a long-lived ClientApp process, ``clientapp_worker``, only
+keeps the per-process caches below). For every message the node:
 
 * rebuilds its :class:`~mona_sfl.core.host.ClientHost` from the config (data, partition and
   initial weights are deterministic; data and partition are cached per process, read-only);

@@ -75,10 +75,15 @@ class FlowerTransport(Transport):
         self.live: dict[int, list[int]] = {}  # partition -> its clients sampled in the current epoch
         self.node_of: dict[int, int] = {}  # partition id -> node id
         self.node_pid: dict[int, int] = {}  # partition id -> process id of its last reply (diagnostics)
+        self.node_pids: dict[int, set[int]] = {}  # partition id -> every process id that replied (ClientApp processes)
         self._busy: dict[int, str] = {}  # node id -> id of a message it never answered in time
         self._seq = 0
         self.exchanges = 0  # round trips made
         self.wait_s = 0.0  # wall time spent waiting for replies
+        self.step_starts: list[float] = []  # perf_counter when each train.step exchange began (steps per second)
+        self.step_wait: list[float] = []  # per train.step exchange: seconds from the push to the last reply
+        self.step_compute: list[float] = []  # per train.step exchange: the slowest node's own compute (its "compute_s")
+        self._compute: dict[int, float] = {}  # partition -> compute_s of its reply in the current exchange
         self.wire = {"up": 0, "down": 0, "sync": 0}  # ArrayRecord bytes really sent, npy headers included
         front, _ = build.build_models(cfg)
         self._front_keys = list(front.state_dict())
@@ -167,6 +172,9 @@ class FlowerTransport(Transport):
                     meta = r.content.config_records.get("meta")
                     if meta is not None and "pid" in meta:
                         self.node_pid[part] = int(meta["pid"])  # type: ignore[arg-type]
+                        self.node_pids.setdefault(part, set()).add(self.node_pid[part])
+                    if meta is not None and "compute_s" in meta:
+                        self._compute[part] = float(meta["compute_s"])  # type: ignore[arg-type]
             if not pending:
                 break
             if time.monotonic() > deadline:
@@ -176,8 +184,13 @@ class FlowerTransport(Transport):
                 break
             time.sleep(sleep)
             sleep = min(sleep * 1.5, self.poll_s)
-        self.wait_s += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self.wait_s += waited
         self.exchanges += 1
+        if msgs[0].metadata.message_type == MESSAGE_TYPES["step"]:
+            self.step_wait.append(waited)
+            self.step_compute.append(max(self._compute.values(), default=0.0))
+        self._compute = {}
         return replies, failures
 
     def _discover(self, timeout_s: float) -> None:
@@ -317,6 +330,8 @@ class FlowerTransport(Transport):
             per_node = record_bytes(self._online_rec) + (record_bytes(self._momentum_rec) if self._momentum_rec is not None else 0)
             self.wire["sync"] += per_node * len(args)
         mtype = MESSAGE_TYPES[op]
+        if op == "step":
+            self.step_starts.append(time.perf_counter())
         requests = {part: (mtype, self._content(op, part, a)) for part, a in args.items()}
         replies, failures = self._exchange(requests)
         results = {part: self._result(op, part, args[part], content) for part, content in replies.items()}
@@ -382,6 +397,20 @@ class FlowerRuntime(ShardedRuntime):
     @property
     def wire(self) -> dict[str, int]:
         return self.transport.wire  # type: ignore[attr-defined]
+
+    def clientapp_pids(self) -> dict[int, list[int]]:
+        """Per partition, the process ids of the ClientApps that replied (one per node when they stay up)."""
+        return {p: sorted(v) for p, v in sorted(self.transport.node_pids.items())}  # type: ignore[attr-defined]
+
+    def step_timing(self) -> dict[str, list[float]]:
+        """Per ``train.step`` exchange: ``wait`` (push to last reply) and ``compute`` (the slowest node's own work)."""
+        t = self.transport
+        return {"wait": list(t.step_wait), "compute": list(t.step_compute)}  # type: ignore[attr-defined]
+
+    def step_gaps(self) -> list[float]:
+        """Seconds between consecutive ``train.step`` exchanges: one training step each (without syncs in between)."""
+        t = self.transport.step_starts  # type: ignore[attr-defined]
+        return [b - a for a, b in zip(t, t[1:])]
 
     def probe(self, nbytes: int, *, seed: int = 0) -> dict[str, Any]:
         return self.transport.probe(nbytes, seed=seed)  # type: ignore[attr-defined]

@@ -71,7 +71,10 @@ def run_trainer(
     finally:
         runtime.close()
     transport = {"flower_nodes": runtime.num_nodes, "flower_exchanges": runtime.exchanges, "flower_wait_s": runtime.wait_s,
-                 **{f"flower_wire_{k}": v for k, v in runtime.wire.items()}}
+                 **{f"flower_wire_{k}": v for k, v in runtime.wire.items()},
+                 "flower_step_gaps_s": [round(g, 6) for g in runtime.step_gaps()],
+                 **{f"flower_step_{k}_s": [round(v, 6) for v in vs] for k, vs in runtime.step_timing().items()},
+                 "flower_clientapp_pids": {str(p): v for p, v in runtime.clientapp_pids().items()}}
     summary.update(transport)
     if train:  # next to summary.json: what the transport cost (the engine's summary has the bytes)
         (Path(run_dir) / "flower_transport.json").write_text(json.dumps(transport, indent=2) + "\n")
@@ -101,6 +104,10 @@ def make_server_app(cfg: Config | None = None, run_dir: str | Path | None = None
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
+            if type(grid).__name__ != "InMemoryGrid":  # deployed: replies' objects arrive after the replies
+                from mona_sfl.runtime.flower import polling
+
+                polling.apply()
             rc = dict(context.run_config)
             if cfg is not None:
                 run_cfg, out, prog, res, steps = cfg, run_dir, progress, resume, max_steps
