@@ -94,6 +94,6 @@ def test_readme_key_table_is_the_schema() -> None:
     begin = "<!-- keys: generated from the schema by mona_sfl.config.key_table(); a test checks it -->\n"
     assert begin in readme and "\n<!-- keys: end -->" in readme
     table = readme.split(begin, 1)[1].split("\n<!-- keys: end -->", 1)[0]
-    assert table == key_table(), "README 'Keys' table is stale; replace it with mona_sfl.config.key_table()"
+    assert table == key_table(), "README 'Key reference' table is stale; replace it with mona_sfl.config.key_table()"
     for k in to_flat(Config()):
         assert f"| `{k}` |" in table
