@@ -47,6 +47,7 @@ def load_data(cfg: Config, split: str) -> ImageData:
         download=d.download,
         seed=cfg.seed,
         synthetic_size=d.synthetic_size,
+        synthetic_test_size=d.synthetic_test_size,
         num_classes=d.num_classes,
         image_size=d.image_size,
         max_image_pixels=d.max_image_pixels,

@@ -8,7 +8,7 @@ mean/std to normalise with. Augmentation then runs on batches of these tensors
 Sources (``DATASETS``):
 
 - ``synthetic``: :func:`mona_sfl.data.synthetic.make_synthetic`. ``train`` has
-  ``synthetic_size`` images, ``test`` has ``synthetic_size // 5``; the two splits use
+  ``synthetic_size`` images, ``test`` has ``synthetic_test_size`` (0: ``synthetic_size // 5``); the two splits use
   different seeds derived from ``seed`` (``SeedSequence([seed, 0 or 1])``), so they are
   independent draws. No files, no ``root``.
 - ``cifar10``, ``cifar100``, ``svhn``, ``stl10``: ``torchvision.datasets`` with
@@ -72,6 +72,7 @@ def load_dataset(
     download: bool = False,
     seed: int = 0,
     synthetic_size: int = 5000,
+    synthetic_test_size: int = 0,
     num_classes: int = 10,
     image_size: int = 32,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
@@ -90,11 +91,14 @@ def load_dataset(
 
     return DATASETS.get(name)(
         name, split, root=root, download=bool(download), seed=int(seed), synthetic_size=synthetic_size,
+        synthetic_test_size=synthetic_test_size,
         num_classes=num_classes, image_size=int(image_size), max_image_pixels=int(max_image_pixels),
     )
 
 
-def load_synthetic(name: str, split: str, *, seed: int, synthetic_size: int, num_classes: int, image_size: int, **_: Any) -> ImageData:
+def load_synthetic(
+    name: str, split: str, *, seed: int, synthetic_size: int, num_classes: int, image_size: int, synthetic_test_size: int = 0, **_: Any
+) -> ImageData:
     """``synthetic``: the built-in shape set, train and test from independent seeds."""
     from mona_sfl.data.synthetic import make_synthetic
 
@@ -104,7 +108,12 @@ def load_synthetic(name: str, split: str, *, seed: int, synthetic_size: int, num
             f"got {synthetic_size!r}"
         )
     split_seed = int(np.random.SeedSequence([int(seed), SPLITS.index(split)]).generate_state(1)[0])
-    n = int(synthetic_size) if split == "train" else int(synthetic_size) // 5
+    if not isinstance(synthetic_test_size, (int, np.integer)) or synthetic_test_size < 0:
+        raise DataError(f"data.synthetic_test_size must be an integer >= 0 (0 = synthetic_size // 5), got {synthetic_test_size!r}")
+    if split == "train":
+        n = int(synthetic_size)
+    else:
+        n = int(synthetic_test_size) or int(synthetic_size) // 5
     return make_synthetic(n, seed=split_seed, num_classes=num_classes, image_size=int(image_size))
 
 
