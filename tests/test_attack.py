@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import tiny_overrides
 from mona_sfl import build
 from mona_sfl.checkpoint import CheckpointError
-from mona_sfl.config import ConfigError, load_config
+from mona_sfl.config import ConfigError, schema_config
 from mona_sfl.data import ImageData
 from mona_sfl.engine import Trainer
 from mona_sfl.models import NUM_CUTS
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(*extra: str):
-    return load_config(None, TINY + list(extra))
+    return schema_config(TINY + list(extra))
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2"])

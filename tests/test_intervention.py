@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_same, crash_in_server_step, load_checkpoint, tiny_overrides
-from mona_sfl.config import ConfigError, load_config
+from mona_sfl.config import ConfigError, schema_config
 from mona_sfl.core.intervention import Intervention, fit_intervention
 from mona_sfl.engine import Trainer
 
@@ -65,16 +65,16 @@ def test_l1_decreases_on_a_tiny_problem() -> None:
 
 def test_config_validation() -> None:
     with pytest.raises(ConfigError, match="intervention_rank"):
-        load_config(None, ["fed.intervention_rank=0"])
+        schema_config(["fed.intervention_rank=0"])
     with pytest.raises(ConfigError, match="intervention_steps"):
-        load_config(None, ["fed.intervention_steps=0"])
+        schema_config(["fed.intervention_steps=0"])
 
 
 TINY = tiny_overrides("fed.interventions=true", "fed.intervention_steps=5", "fed.intervention_channels=4", "data.image_size=16", "train.checkpoint_every=2")
 
 
 def test_personalisation_report_and_exact_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = load_config(None, TINY)
+    cfg = schema_config(TINY)
     full = tmp_path / "full"
     summary = Trainer(cfg, full, progress=False).run()
     rows = summary["personal"]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mona_sfl.checkpoint import read_metrics
 from mona_sfl.cli import main
-from mona_sfl.config import load_config
+from mona_sfl.config import load_config, schema_config
 from mona_sfl.core.schedule import server_lr
 from mona_sfl.plots import curve_figures
 from mona_sfl.runs import COLUMNS, labels, load_runs
@@ -25,8 +25,8 @@ LABELS = ["model.cut=2, algo.align_momentum=true", "model.cut=3, algo.align_mome
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> list[Path]:
     base = tmp_path_factory.mktemp("runs")
-    train_tiny(load_config(None, TINY), base / "mona")
-    train_tiny(load_config(None, [*TINY, "model.cut=3", "algo.align_momentum=false"]), base / "moco")
+    train_tiny(schema_config(TINY), base / "mona")
+    train_tiny(schema_config([*TINY, "model.cut=3", "algo.align_momentum=false"]), base / "moco")
     return [base / "mona", base / "moco"]
 
 

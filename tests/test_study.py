@@ -42,7 +42,7 @@ def rows_of(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 def test_quick_study_then_resume(study, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from mona_sfl.comms import comm_costs
-    from mona_sfl.config import load_config
+    from mona_sfl.config import load_config, schema_config
 
     out = tmp_path / "study"
     assert study.main(ARGS + ["--out", str(out)]) == 0
@@ -101,7 +101,7 @@ def test_quick_study_then_resume(study, tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_regime_preset_writes_curves_and_plots(tmp_path: Path, study) -> None:
     """`--regime` runs the reference regime's federation and schedule (tiny with --quick), curves and plots, no attack."""
-    from mona_sfl.config import load_config
+    from mona_sfl.config import load_config, schema_config
     from mona_sfl.studies.regimes import REGIMES, regime_overrides
 
     out = tmp_path / "regime"
@@ -126,8 +126,8 @@ def test_regime_preset_writes_curves_and_plots(tmp_path: Path, study) -> None:
     assert not (out / "plots" / "attack_vs_cut.png").exists()
     # the presets themselves
     assert set(REGIMES) == {"batch20", "batch2", "clients20", "clients200"}
-    c200 = load_config(None, regime_overrides("clients200", steps=10))
+    c200 = schema_config(regime_overrides("clients200", steps=10))
     assert (c200.fed.num_clients, c200.train.batch_size, c200.clients_per_epoch, c200.fed.sync_every) == (200, 1, 100, 50)
-    c20 = load_config(None, regime_overrides("clients20", width=0.25))
+    c20 = schema_config(regime_overrides("clients20", width=0.25))
     assert (c20.clients_per_epoch, c20.fed.sync_every, c20.model.width, c20.train.max_steps) == (5, 12, 0.25, 1000)
     assert study.main(["--regime", "batch21", "--out", str(tmp_path / "x")]) == 2  # a typo is a clear error
