@@ -65,6 +65,14 @@ def test_quick_study_then_resume(study, tmp_path: Path, capsys: pytest.CaptureFi
         assert (out / r["run_dir"] / "attack.json").is_file() and (out / r["run_dir"] / "misalignment.csv").is_file()
     by = {(r["method"], r["cut"]): r for r in rows}
     assert int(by["MonAcoSFL", "8"]["bytes_per_sync"]) > int(by["MocoSFL", "8"]["bytes_per_sync"])
+    # the study ends with its results table: one line per (method, cut), n seeds, the mean (one seed: no std)
+    table = text.split("results over seeds (sample std; n = seeds):\n", 1)[1].splitlines()
+    assert table[0].split()[:3] == ["method", "cut", "n"] and "kNN top-1 % (mean ± std)" in table[0]
+    assert [line.split()[:3] for line in table[2:6]] == [["MonAcoSFL", "1", "1"], ["MonAcoSFL", "8", "1"], ["MocoSFL", "1", "1"], ["MocoSFL", "8", "1"]]
+    for line in table[2:6]:
+        cells = line.split()
+        assert cells[3] == f"{float(by[cells[0], cells[1]]['knn_top1']):.2f}"
+        assert cells[-1] == f"{int(by[cells[0], cells[1]]['bytes_total']) / 1e6:.1f}"
     assert by["MonAcoSFL", "8"]["bytes_per_step"] == by["MocoSFL", "8"]["bytes_per_step"]
 
     import matplotlib.image as mpimg

@@ -689,9 +689,29 @@ def run_study(
         write_rows(csv_path, rows)
     write_curves(out, rows)
     report(f"wrote CSV: {csv_path} ({len(rows)} rows) and {out / 'curves.csv'} in {time.perf_counter() - t_start:.1f} s")
-    if plots:
-        sel = [r for r in rows if row_key(r)[0] in methods]
-        if sel:
-            for p in plot_all(out, sel):
-                report(f"wrote plot: {p}")
+    sel = [r for r in rows if row_key(r)[0] in methods]
+    if plots and sel:
+        for p in plot_all(out, sel):
+            report(f"wrote plot: {p}")
+    if sel:
+        report("results over seeds (sample std; n = seeds):\n" + results_table(sel).rstrip("\n"))
     return rows
+
+
+#: Columns of the study's results table (``OUT/split_depth.csv`` keys; bytes shown in MB).
+RESULT_COLUMNS = [
+    ("knn_top1", "kNN top-1 %", ".2f", 1.0),
+    ("linear_top1", "linear top-1 %", ".2f", 1.0),
+    ("mia_ssim", "attack SSIM", ".3f", 1.0),
+    ("mia_psnr", "attack PSNR dB", ".2f", 1.0),
+    ("ol_ml_mean", "ol_ml", ".3g", 1.0),
+    ("bytes_total", "MB per run", ".1f", 1e-6),
+]
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """One line per (method, cut): n seeds, and the mean ± sample std over them of accuracy, attack and bytes."""
+    from mona_sfl.runs import grouped_table
+
+    ordered = sorted(rows, key=lambda r: (list(METHODS).index(r["method"]) if r["method"] in METHODS else len(METHODS), int(r["cut"]), int(r["seed"])))
+    return grouped_table(ordered, ["method", "cut"], RESULT_COLUMNS)
