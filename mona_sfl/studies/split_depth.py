@@ -255,7 +255,7 @@ def write_curves(out: Path, rows: list[dict[str, Any]]) -> Path:
     return out / "curves.csv"
 
 
-def attack_cached(run_dir: Path, attack_kw: dict[str, Any], step: int, device: str, seed: int) -> dict[str, Any]:
+def attack_cached(run_dir: Path, attack_kw: dict[str, Any], step: int, device: str, seed: int, progress: bool = False) -> dict[str, Any]:
     from mona_sfl.privacy.attack import ATTACK_JSON, attack_run
 
     p = run_dir / ATTACK_JSON
@@ -264,10 +264,10 @@ def attack_cached(run_dir: Path, attack_kw: dict[str, Any], step: int, device: s
         same = all(old.get(k) == v for k, v in attack_kw.items()) and old.get("seed") == seed
         if same and old.get("meta", {}).get("checkpoint_step") == step:
             return old
-    return attack_run(run_dir, device=device, seed=seed, **attack_kw).to_dict()
+    return attack_run(run_dir, device=device, seed=seed, progress=progress, **attack_kw).to_dict()
 
 
-def baseline_cached(cfg: Config, out_dir: Path, attack_kw: dict[str, Any], device: str, seed: int) -> dict[str, Any]:
+def baseline_cached(cfg: Config, out_dir: Path, attack_kw: dict[str, Any], device: str, seed: int, progress: bool = False) -> dict[str, Any]:
     from mona_sfl.privacy.attack import ATTACK_JSON, attack_config
 
     p = out_dir / ATTACK_JSON
@@ -275,7 +275,7 @@ def baseline_cached(cfg: Config, out_dir: Path, attack_kw: dict[str, Any], devic
         old = json.loads(p.read_text(encoding="utf-8"))
         if all(old.get(k) == v for k, v in attack_kw.items()) and old.get("seed") == seed:
             return old
-    return attack_config(cfg, out_dir, device=device, seed=seed, **attack_kw).to_dict()
+    return attack_config(cfg, out_dir, device=device, seed=seed, progress=progress, **attack_kw).to_dict()
 
 
 def run_one(
@@ -290,8 +290,8 @@ def run_one(
         t0 = time.perf_counter()
         summary = train_run(cfg, run_dir, progress=progress, report=report)
         t1 = time.perf_counter()
-        attack_device = "cuda" if cfg.device == "cuda" else ("cpu" if cfg.device == "cpu" else "auto")
-        mia = attack_cached(run_dir, attack_kw, int(summary["steps"]), attack_device, seed) if attack_kw else {}
+        attack_device = cfg.device  # the attack runs where training ran
+        mia = attack_cached(run_dir, attack_kw, int(summary["steps"]), attack_device, seed, progress) if attack_kw else {}
         t_attack = time.perf_counter() - t1
         traj = misalignment(run_dir)
         knn_curve(run_dir)
@@ -340,7 +340,7 @@ def run_one(
         "run_dir": str(run_dir.relative_to(out)),
     }
     if baseline and attack_kw:
-        b = baseline_cached(cfg, out / "baseline" / f"cut{cut}-seed{seed}", attack_kw, attack_device, seed)
+        b = baseline_cached(cfg, out / "baseline" / f"cut{cut}-seed{seed}", attack_kw, attack_device, seed, progress)
         row.update({"mia_untrained_mse": b["mse"], "mia_untrained_psnr": b["psnr"], "mia_untrained_ssim": b["ssim"]})
     row["_elapsed"] = time.perf_counter() - t0
     return row
