@@ -43,6 +43,7 @@ from typing import Any
 from mona_sfl.checkpoint import CONFIG, SUMMARY, CheckpointError, atomic_write_text, lock_run_dir, read_metrics
 from mona_sfl.config import Config, ConfigError, load_config, resolve_config_path, to_flat
 from mona_sfl.models import NUM_CUTS
+from mona_sfl.plots import human_bytes
 
 log = logging.getLogger("mona_sfl.study")
 
@@ -365,15 +366,16 @@ def _agg(rows: list[dict[str, Any]], method: str, key: str) -> tuple[list[int], 
             v = _num(r.get(key))
             if not math.isnan(v):
                 by.setdefault(int(r["cut"]), []).append(v)
+    from mona_sfl.runs import mean_std
+
     cuts = sorted(by)
-    means = [sum(by[c]) / len(by[c]) for c in cuts]
-    # sample std (n - 1) over seeds; 0 for a single seed
-    stds = [math.sqrt(sum((x - m) ** 2 for x in by[c]) / (len(by[c]) - 1)) if len(by[c]) > 1 else 0.0 for c, m in zip(cuts, means)]
-    return cuts, means, stds
+    stats = [mean_std(by[c]) for c in cuts]
+    # sample std (n - 1) over seeds; no bar (0) for a single seed
+    return cuts, [m for m, _, _ in stats], [sd if n > 1 else 0.0 for _, sd, n in stats]
 
 
 def _seeds_label(rows: list[dict[str, Any]], method: str) -> str:
-    """`` (n=2)`` or `` (n=1-3)``: seeds per cut behind a method's points."""
+    """`` (n=2)`` or `` (n=1-3)``: seeds per cut behind a method's points; bars, where drawn, are the sample std."""
     per_cut: dict[int, set[int]] = {}
     for r in rows:
         if r["method"] == method:
@@ -381,22 +383,29 @@ def _seeds_label(rows: list[dict[str, Any]], method: str) -> str:
     ns = sorted({len(v) for v in per_cut.values()})
     if not ns:
         return ""
-    return f" (n={ns[0]})" if len(ns) == 1 else f" (n={ns[0]}-{ns[-1]})"
+    n = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}"
+    return f" (mean ± sample std, {n})" if ns[-1] > 1 else f" ({n})"
 
 
 COLOURS = {"MonAcoSFL": "tab:blue", "MocoSFL": "tab:red"}
 MARKERS = {"MonAcoSFL": "o", "MocoSFL": "s"}
 
 
+#: Methods sit this far apart (in cuts) around each cut, so that equal values stay visible.
+DODGE = 0.06
+
+
 def _lines(ax, rows, key, methods, label_suffix="", **kw) -> None:  # noqa: ANN001
-    for m in methods:
+    for i, m in enumerate(methods):
         cuts, mean, std = _agg(rows, m, key)
         if cuts:
-            ax.errorbar(cuts, mean, yerr=std if any(std) else None, label=f"{m}{label_suffix}{_seeds_label(rows, m)}",
+            shift = (i - (len(methods) - 1) / 2) * DODGE
+            ax.errorbar([c + shift for c in cuts], mean, yerr=std if any(std) else None, label=f"{m}{label_suffix}{_seeds_label(rows, m)}",
                         color=COLOURS[m], marker=MARKERS[m], capsize=3, **kw)
 
 
-SEED_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+#: The y label of the online/momentum misalignment ``ol_ml`` (mean squared difference of the fronts).
+MISALIGNMENT = "online vs momentum front:\nmean squared difference"
 
 
 def plot_curves(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
@@ -406,17 +415,20 @@ def plot_curves(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mona_sfl.plots import save_figure
+    from matplotlib.ticker import MaxNLocator
+
+    from mona_sfl.plots import SEED_MARKERS, save_figure
 
     pdir = out / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
     paths = []
+    seeds = sorted({int(r["seed"]) for r in rows})
     for c in sorted({int(r["cut"]) for r in rows}):
         fig, axs = plt.subplots(1, 2, figsize=(12, 4.2))
         drawn = False
         for r in sorted((r for r in rows if int(r["cut"]) == c), key=lambda r: (r["method"], int(r["seed"]))):
             run_dir = out / str(r["run_dir"])
-            marker = SEED_MARKERS[int(r["seed"]) % len(SEED_MARKERS)]
+            marker = SEED_MARKERS[seeds.index(int(r["seed"])) % len(SEED_MARKERS)]
             label = f"{r['method']}, seed {r['seed']}"
             knn = read_rows(run_dir / "knn_curve.csv")
             if knn:
@@ -431,10 +443,11 @@ def plot_curves(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
             plt.close(fig)
             continue
         axs[0].set_ylabel("kNN top-1 (%)")
-        axs[1].set_ylabel("misalignment ol_ml (mean sq. diff.)")
+        axs[1].set_ylabel(MISALIGNMENT)
         axs[1].set_yscale("log")
         for ax in axs:
             ax.set_xlabel("training step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.suptitle(f"Learning curves at cut {c}")
@@ -451,11 +464,14 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mona_sfl.plots import save_figure
+    from matplotlib.ticker import MaxNLocator
+
+    from mona_sfl.plots import SEED_MARKERS, bytes_axis, save_figure, spread_labels
 
     pdir = out / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    seeds = sorted({int(r["seed"]) for r in rows})
     cuts_all = sorted({int(r["cut"]) for r in rows})
     paths = []
 
@@ -511,7 +527,8 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
         if cuts:
             ax.plot(cuts, mean, color=COLOURS[m], linestyle=":", label=f"{m} front syncs")
     ax.set_yscale("log")
-    ax.set_ylabel("bytes per run (all clients, float32)")
+    bytes_axis(ax.yaxis)
+    ax.set_ylabel("traffic per run (all clients, float32)")
     fig.suptitle("Communication vs cut layer")
     finish(fig, [ax], "bytes_vs_cut.png")
 
@@ -519,39 +536,44 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     if not attacked:
         return paths + plot_curves(out, rows)
     acc_key = "linear_top1" if any(not math.isnan(_num(r.get("linear_top1"))) for r in rows) else "knn_top1"
-    fig, axs = plt.subplots(1, 2, figsize=(12, 4.5))
-    totals = [_num(r["bytes_total"]) for r in rows]
-    lo, hi = math.log10(min(totals)), math.log10(max(totals))
+    fig, axs = plt.subplots(1, 2, figsize=(12, 4.8))
     norm = plt.Normalize(vmin=min(_num(r["mia_ssim"]) for r in rows), vmax=max(_num(r["mia_ssim"]) for r in rows) + 1e-12)
     sc = None
+    labels: list[list[Any]] = [[], []]
     for m in methods:
         for key in sorted({int(r["cut"]) for r in rows if r["method"] == m}):
             rs = [r for r in rows if r["method"] == m and int(r["cut"]) == key]
             acc = sum(_num(r.get(acc_key)) for r in rs) / len(rs)
             ssim = sum(_num(r["mia_ssim"]) for r in rs) / len(rs)
             tot = sum(_num(r["bytes_total"]) for r in rs) / len(rs)
-            size = 40 + 260 * ((math.log10(tot) - lo) / (hi - lo) if hi > lo else 0.5)
-            axs[0].scatter(ssim, acc, s=size, color=COLOURS[m], marker=MARKERS[m], alpha=0.7, edgecolors="k")
-            axs[0].annotate(str(key), (ssim, acc), fontsize=8, ha="center", va="center")
-            sc = axs[1].scatter(tot, acc, c=[ssim], cmap="viridis", norm=norm, s=80, marker=MARKERS[m], edgecolors=COLOURS[m], linewidths=1.5)
-            axs[1].annotate(str(key), (tot, acc), fontsize=8, xytext=(5, 5), textcoords="offset points")
+            axs[0].scatter(ssim, acc, s=60, color=COLOURS[m], marker=MARKERS[m], alpha=0.8, edgecolors="k")
+            labels[0].append(axs[0].annotate(f"cut {key}", (ssim, acc), fontsize=8, xytext=(6, 4), textcoords="offset points",
+                                                 color=COLOURS[m]))
+            sc = axs[1].scatter(tot, acc, c=[ssim], cmap="viridis", norm=norm, s=70, marker=MARKERS[m], edgecolors=COLOURS[m], linewidths=1.5)
+            labels[1].append(axs[1].annotate(f"cut {key}", (tot, acc), fontsize=8, xytext=(6, 4), textcoords="offset points",
+                                                 color=COLOURS[m]))
+    n_label = {m: _seeds_label(rows, m).replace(" (mean ± sample std, ", " (mean of ") for m in methods}
     for m in methods:
-        axs[0].scatter([], [], color=COLOURS[m], marker=MARKERS[m], label=m)
-        axs[1].scatter([], [], facecolors="none", edgecolors=COLOURS[m], marker=MARKERS[m], label=m)
+        axs[0].scatter([], [], color=COLOURS[m], marker=MARKERS[m], edgecolors="k", label=f"{m}{n_label[m]}")
+        axs[1].scatter([], [], facecolors="none", edgecolors=COLOURS[m], marker=MARKERS[m], label=f"{m}{n_label[m]}")
     axs[0].set_xlabel("attack SSIM (lower = more private)")
     axs[0].set_ylabel(f"{acc_key.replace('_top1', '')} top-1 (%)")
-    axs[0].set_title("accuracy vs privacy (marker size ~ log total bytes, label = cut)", fontsize=9)
+    axs[0].set_title("accuracy vs privacy (label colour = method)", fontsize=10)
     axs[1].set_xscale("log")
-    axs[1].set_xlabel("total bytes per run")
+    bytes_axis(axs[1].xaxis)
+    axs[1].set_xlabel("traffic per run (all clients)")
     axs[1].set_ylabel(f"{acc_key.replace('_top1', '')} top-1 (%)")
-    axs[1].set_title("accuracy vs communication (colour = attack SSIM, label = cut)", fontsize=9)
+    axs[1].set_title("accuracy vs communication (colour = attack SSIM)", fontsize=10)
     if sc is not None:
         fig.colorbar(sc, ax=axs[1], label="attack SSIM")
     for ax in axs:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        ax.margins(0.12)
     fig.suptitle("Accuracy - privacy - communication trade-off")
     fig.tight_layout()
+    for ax, texts in zip(axs, labels):
+        spread_labels(ax, texts)
     save_figure(fig, pdir / "tradeoff.png")
     plt.close(fig)
     paths.append(pdir / "tradeoff.png")
@@ -571,11 +593,14 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
                 continue
             steps = [int(t["step"]) for t in traj]
             vals = [max(_num(t["ol_ml"]), 1e-30) for t in traj]
-            ax.plot(steps, vals, color=COLOURS[r["method"]], marker=".", alpha=0.8, label=f"{r['method']} seed {r['seed']}")
+            ax.plot(steps, vals, color=COLOURS[r["method"]], marker=SEED_MARKERS[seeds.index(int(r["seed"])) % len(SEED_MARKERS)],
+                    markersize=4, alpha=0.8, label=f"{r['method']}, seed {r['seed']}")
         ax.set_yscale("log")
         ax.set_title(f"cut {c}", fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel("ol_ml = |online - momentum|^2 / numel")
+        ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if i % ncols == 0:
+            ax.set_ylabel(MISALIGNMENT)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -683,7 +708,7 @@ def run_study(
         mia = f", attack SSIM {row['mia_ssim']:.3f} MSE {row['mia_mse']:.4f}" if row.get("mia_ssim") is not None else ""
         report(
             f"{tag}: kNN {row['knn_top1']:.2f}%" + (f", linear {lin:.2f}%" if lin is not None else "")
-            + f"{mia}, {row['bytes_total'] / 2**20:.1f} MiB total, {elapsed:.1f} s"
+            + f"{mia}, {human_bytes(row['bytes_total'])} total, {elapsed:.1f} s"
         )
     if not csv_path.is_file():
         write_rows(csv_path, rows)
