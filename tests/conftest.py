@@ -202,6 +202,7 @@ SMALLEST_RUN = [
     "algo.dim=8",
     "algo.hidden_dim=8",
     "data.synthetic_size=40",
+    "data.synthetic_test_size=0",
     "data.image_size=16",
     "fed.num_clients=2",
     "train.batch_size=4",
