@@ -123,6 +123,9 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+#: The y label of the online/momentum misalignment ``ol_ml`` (mean squared difference of the fronts).
+MISALIGNMENT = "online vs momentum front:\nmean squared difference"
+
 #: name -> (records that carry it, the y value, y label, title).
 CURVES: dict[str, tuple[Any, str, str, str]] = {
     "loss": (lambda r: "loss" in r, "loss", "training loss (InfoNCE)", "Training loss"),
@@ -130,7 +133,7 @@ CURVES: dict[str, tuple[Any, str, str, str]] = {
     "lr": (lambda r: "loss" in r and "lr" in r, "lr", "server learning rate", "Learning rate"),
     "misalignment": (
         lambda r: r.get("sync") and "ol_ml" in r, "ol_ml",
-        "online vs momentum front: mean squared difference", "Misalignment at syncs",
+        MISALIGNMENT, "Misalignment at syncs",
     ),
 }
 
@@ -187,6 +190,6 @@ def plot_runs(runs: list[Run], labels: list[str], out: Path) -> list[Path]:
 
 
 __all__ = [
-    "CURVES", "DASHES", "DPI", "SEED_MARKERS", "bytes_axis", "curve_figures", "human_bytes", "plot_runs", "run_styles", "save_figure",
+    "CURVES", "DASHES", "DPI", "MISALIGNMENT", "SEED_MARKERS", "bytes_axis", "curve_figures", "human_bytes", "plot_runs", "run_styles", "save_figure",
     "spread_labels",
 ]

@@ -64,7 +64,7 @@ def test_the_figures_carry_the_labels(two_runs: list[Path]) -> None:
     for name, fig in figures.items():
         (ax,) = fig.axes
         assert ax.get_xlabel() == "training step"
-        assert ax.get_ylabel() == ylabels.get(name, "online vs momentum front: mean squared difference")
+        assert ax.get_ylabel() == ylabels.get(name, "online vs momentum front:\nmean squared difference")
         assert [t.get_text() for t in ax.get_legend().get_texts()] == LABELS
     knn_steps = list(figures["knn"].axes[0].get_lines()[0].get_xdata())
     assert knn_steps == [r["step"] for r in runs[0].records if "knn_top1" in r] == [0, 2, 4, 6]

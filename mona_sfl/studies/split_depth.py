@@ -43,7 +43,7 @@ from typing import Any
 from mona_sfl.checkpoint import CONFIG, SUMMARY, CheckpointError, atomic_write_text, lock_run_dir, read_metrics
 from mona_sfl.config import Config, ConfigError, load_config, resolve_config_path, to_flat
 from mona_sfl.models import NUM_CUTS
-from mona_sfl.plots import human_bytes
+from mona_sfl.plots import MISALIGNMENT, human_bytes
 
 log = logging.getLogger("mona_sfl.study")
 
@@ -402,10 +402,6 @@ def _lines(ax, rows, key, methods, label_suffix="", **kw) -> None:  # noqa: ANN0
             shift = (i - (len(methods) - 1) / 2) * DODGE
             ax.errorbar([c + shift for c in cuts], mean, yerr=std if any(std) else None, label=f"{m}{label_suffix}{_seeds_label(rows, m)}",
                         color=COLOURS[m], marker=MARKERS[m], capsize=3, **kw)
-
-
-#: The y label of the online/momentum misalignment ``ol_ml`` (mean squared difference of the fronts).
-MISALIGNMENT = "online vs momentum front:\nmean squared difference"
 
 
 def plot_curves(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
