@@ -44,7 +44,7 @@ from typing import Any
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from mona_sfl.config import load_config  # noqa: E402
+from mona_sfl.config import schema_config  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODES = ("sim", "stock", "polls", "persistent")
@@ -73,7 +73,7 @@ def measure(mode: str, overrides: list[str], *, steps: int, warmup: int, nodes: 
     """One run of ``mode``; the step gaps after ``warmup`` and their median."""
     b = _runtimes_bench()
     node_keys = [f"flower.num_supernodes={nodes}"] if nodes else []
-    cfg = load_config(None, [*overrides, "runtime=flower", *node_keys, *b.timing_keys(warmup + steps + 1)])
+    cfg = schema_config([*overrides, "runtime=flower", *node_keys, *b.timing_keys(warmup + steps + 1)])
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

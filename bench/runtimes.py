@@ -86,7 +86,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import torch  # noqa: E402
 
-from mona_sfl.config import load_config  # noqa: E402
+from mona_sfl.config import load_config, schema_config  # noqa: E402
 from mona_sfl.core.server import Server  # noqa: E402
 from mona_sfl.engine import Trainer  # noqa: E402
 
@@ -212,7 +212,8 @@ def measure(overrides: list[str], *, steps: int, warmup: int, config: str | Path
     if steps < 1 or warmup < 0:
         raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
     total = warmup + steps + 1  # n steps make n - 1 gaps between server steps
-    cfg = load_config(config, [*overrides, *timing_keys(total)])
+    keys = [*overrides, *timing_keys(total)]
+    cfg = schema_config(keys) if config is None else load_config(config, keys)
     marks: list[dict[str, float]] = []  # one per server step: counters as the step starts
     trainers: list[Trainer] = []
     server_step, trainer_run = Server.step, Trainer.run

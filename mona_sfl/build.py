@@ -34,8 +34,10 @@ def resolve_device(name: str, *, strict: bool = True) -> torch.device:
     return torch.device("cpu")
 
 
-def load_data(cfg: Config, split: str) -> ImageData:
-    """Train or test data, decoded once into a uint8 tensor; the train set honours data.proportion."""
+def load_data(cfg: Config, split: str, *, progress: bool = False) -> ImageData:
+    """Train or test data, decoded once into a uint8 tensor; the train set honours data.proportion.
+
+    ``progress``: show the decoding of an image folder (:class:`mona_sfl.progress.Meter`)."""
     d = cfg.data
     if d.name != "synthetic" and not d.dir:
         hint = "" if d.name == "imagefolder" else " (and data.download=true on a machine with internet)"
@@ -47,9 +49,11 @@ def load_data(cfg: Config, split: str) -> ImageData:
         download=d.download,
         seed=cfg.seed,
         synthetic_size=d.synthetic_size,
+        synthetic_test_size=d.synthetic_test_size,
         num_classes=d.num_classes,
         image_size=d.image_size,
         max_image_pixels=d.max_image_pixels,
+        progress=progress,
     )
     if split == "train" and d.proportion < 1.0:
         rng = np.random.default_rng([cfg.seed, 0xDA7A])

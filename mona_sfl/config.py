@@ -83,7 +83,8 @@ class DataConfig:
     noniid_ratio: float = key(0.2, "label shards: classes per client = ratio x classes")
     alpha: float = key(0.5, "Dirichlet concentration")
     proportion: float = key(1.0, "use this seeded fraction of the training set")
-    synthetic_size: int = key(5000, "synthetic training images (test: size // 5)")
+    synthetic_size: int = key(5000, "synthetic training images (test: size // 5, unless data.synthetic_test_size)")
+    synthetic_test_size: int = key(0, "synthetic test images (0 = data.synthetic_size // 5)")
     num_classes: int = key(10, "synthetic classes")
     image_size: int = key(32, "image side in pixels")
     max_image_pixels: int = key(89_478_485, "imagefolder: most pixels (width x height) one image file may hold (decompression-bomb limit)")
@@ -468,8 +469,20 @@ def resolve_config_path(arg: str | Path | None) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a config file (TOML or YAML, optional) plus overrides, then validate."""
-    data = _read_file(path) if path is not None else {}
+    """Load a config file (TOML or YAML) plus overrides, then validate.
+
+    ``path`` None is the bundled ``default`` config, the one ``mona-sfl train`` uses without
+    ``--config``; :func:`schema_config` is the schema's (reference) defaults without a file.
+    """
+    return _validated(_read_file(resolve_config_path(path) if path is None else path), overrides)
+
+
+def schema_config(overrides: list[str] | None = None) -> Config:
+    """The schema's defaults (the reference values, ``Config()``) plus overrides, validated; no config file."""
+    return _validated({}, overrides)
+
+
+def _validated(data: dict[str, Any], overrides: list[str] | None) -> Config:
     data = apply_overrides(data, overrides or [])
     cfg = _build(Config, data, "")
     validate(cfg)
@@ -648,6 +661,15 @@ def validate(cfg: Config) -> None:
         d.name != "synthetic" or d.synthetic_size * 3 * d.image_size**2 <= MAX_SYNTHETIC_BYTES,
         f"data.synthetic_size x 3 x data.image_size^2 = {d.synthetic_size * 3 * d.image_size**2} bytes exceeds the limit "
         f"{MAX_SYNTHETIC_BYTES} (8 GiB of uint8 images): lower data.synthetic_size or data.image_size",
+    )
+    _check(
+        0 <= d.synthetic_test_size <= MAX_SYNTHETIC_SIZE,
+        f"data.synthetic_test_size must be in 0..{MAX_SYNTHETIC_SIZE} (0 = data.synthetic_size // 5), got {d.synthetic_test_size}",
+    )
+    _check(
+        d.name != "synthetic" or d.synthetic_test_size * 3 * d.image_size**2 <= MAX_SYNTHETIC_BYTES,
+        f"data.synthetic_test_size x 3 x data.image_size^2 = {d.synthetic_test_size * 3 * d.image_size**2} bytes exceeds the limit "
+        f"{MAX_SYNTHETIC_BYTES} (8 GiB of uint8 images): lower data.synthetic_test_size or data.image_size",
     )
     _check(d.max_image_pixels >= 1, f"data.max_image_pixels must be >= 1, got {d.max_image_pixels}")
     _check(8 <= d.image_size <= 512, f"data.image_size must be in 8..512, got {d.image_size}")

@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -67,39 +67,19 @@ class Timers:
         return time.perf_counter()
 
 
-@dataclass
 class Progress:
-    total: int
-    enabled: bool = True
-    _bar: Any = None
-    _last: float = field(default_factory=time.perf_counter)
-    _every: int = 1
+    """The training bar (or plain lines): steps done, epoch, loss, images/s (see :class:`mona_sfl.progress.Meter`)."""
 
-    def __post_init__(self) -> None:
-        if not self.enabled:
-            return
-        if sys.stderr.isatty():
-            from tqdm import tqdm
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        from mona_sfl.progress import Meter
 
-            self._bar = tqdm(total=self.total, unit="step", dynamic_ncols=True)
-        self._every = max(1, self.total // 20)
+        self.meter = Meter(total, "training", unit="steps", enabled=enabled)
 
     def update(self, step: int, loss: float, ips: float, epoch: int) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.n = step
-            self._bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", img_s=f"{ips:.0f}", refresh=False)
-            self._bar.refresh()
-            return
-        now = time.perf_counter()
-        if step % self._every == 0 or step == self.total or now - self._last > 30:
-            self._last = now
-            print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} {ips:.1f} img/s", file=sys.stderr, flush=True)
+        self.meter.update(step, epoch=epoch, loss=f"{loss:.4f}", **{"img/s": f"{ips:.1f}"})
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        self.meter.close()
 
 
 class Trainer:
@@ -118,8 +98,8 @@ class Trainer:
         self.device = build.resolve_device(cfg.device)
         self.timers = Timers(sync_cuda=self.device.type == "cuda")
 
-        self.train_data = build.load_data(cfg, "train")
-        self.test_data = build.load_data(cfg, "test")
+        self.train_data = build.load_data(cfg, "train", progress=progress)
+        self.test_data = build.load_data(cfg, "test", progress=progress)
         self.num_classes = len(self.train_data.classes)
         self.parts = build.client_partition(cfg, self.train_data.labels, self.num_classes)
         self.schedule = build.schedule(cfg, self.parts)

@@ -123,31 +123,79 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
     return mean, std, n
 
 
-#: Columns of the seeds table: (summary key, heading, digits).
-SEED_COLUMNS: list[tuple[str, str, int]] = [("knn_top1", "kNN top-1 %", 2), ("linear_top1", "linear top-1 %", 2), ("final_loss", "final loss", 4)]
+def number(value: Any) -> float | None:
+    """A finite number from a summary or a CSV cell (``""``, ``None``, text and NaN: None)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def aggregate(records: list[dict[str, Any]], key: str) -> tuple[float, float, int] | None:
+    """:func:`mean_std` of ``key`` over the records that hold a finite number under it (None if none do).
+
+    The one place where ``train --seeds`` and ``study`` turn per-seed results into mean, sample std and n.
+    """
+    values = [x for x in (number(r.get(key)) for r in records) if x is not None]
+    return mean_std(values) if values else None
+
+
+#: A column of a results table: (record key, heading, format spec, scale: the value is multiplied by it).
+Column = tuple[str, str, str, float]
+
+#: Columns of the seeds table.
+SEED_COLUMNS: list[Column] = [
+    ("knn_top1", "kNN top-1 %", ".2f", 1.0), ("linear_top1", "linear top-1 %", ".2f", 1.0), ("final_loss", "final loss", ".4f", 1.0),
+]
 
 
 def seeds_table(seeds: list[int], summaries: list[dict[str, Any]], dirs: list[Path]) -> str:
     """One row per seed, then the mean and the sample std over the seeds (with n)."""
     columns = [c for c in SEED_COLUMNS if all(c[0] in s for s in summaries)]
-    heading = ["seed", *(h for _, h, _ in columns), "run folder"]
-    rows = [[str(seed), *(f"{s[k]:.{d}f}" for k, _, d in columns), str(p)] for seed, s, p in zip(seeds, summaries, dirs)]
-    stats = [mean_std([float(s[k]) for s in summaries]) for k, _, _ in columns]
+    heading = ["seed", *(c[1] for c in columns), "run folder"]
+    rows = [[str(seed), *(f"{s[k] * x:{d}}" for k, _, d, x in columns), str(p)] for seed, s, p in zip(seeds, summaries, dirs)]
+    stats = [aggregate(summaries, c[0]) for c in columns]
     n = len(summaries)
-    rows.append([f"mean (n={n})", *(f"{m:.{d}f}" for (m, _, _), (_, _, d) in zip(stats, columns)), ""])
-    rows.append([f"sample std (n={n})", *(f"{sd:.{d}f}" for (_, sd, _), (_, _, d) in zip(stats, columns)), ""])
+    rows.append([f"mean (n={n})", *(f"{st[0] * x:{d}}" if st else "-" for st, (_, _, d, x) in zip(stats, columns)), ""])
+    rows.append([f"sample std (n={n})", *(f"{st[1] * x:{d}}" if st else "-" for st, (_, _, d, x) in zip(stats, columns)), ""])
+    return table(heading, rows)
+
+
+def grouped_table(records: list[dict[str, Any]], group_by: list[str], columns: list[Column]) -> str:
+    """One row per value of the ``group_by`` keys (in first-seen order): the group, n (its records),
+    and per column ``mean ± sample std`` over the group (just the mean when one value is finite;
+    ``-`` when none is). Columns that no record holds are left out."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(tuple(str(r.get(k, "")) for k in group_by), []).append(r)
+    columns = [c for c in columns if any(number(r.get(c[0])) is not None for r in records)]
+    heading = [*group_by, "n", *(f"{h} (mean ± std)" for _, h, _, _ in columns)]
+    rows = []
+    for key, rs in groups.items():
+        cells = [*key, str(len(rs))]
+        for k, _, d, x in columns:
+            st = aggregate(rs, k)
+            if st is None:
+                cells.append("-")
+            else:
+                cells.append(f"{st[0] * x:{d}}" + (f" ± {st[1] * x:{d}}" if st[2] > 1 else "") + (f" (n={st[2]})" if st[2] != len(rs) else ""))
+        rows.append(cells)
     return table(heading, rows)
 
 
 def _numeric(text: str) -> bool:
+    """A cell to right-align: a number, or one followed by more (``22.00 ± 0.71``)."""
     try:
-        float(text)
+        float(text.split(" ", 1)[0])
     except ValueError:
         return False
     return True
 
 
 __all__ = [
-    "COLUMNS", "LABEL_KEYS", "SEED_COLUMNS", "Run", "compare_rows", "differing_keys", "labels", "load_run", "load_runs", "mean_std",
-    "seeds_table", "show", "table",
+    "COLUMNS", "LABEL_KEYS", "SEED_COLUMNS", "Column", "Run", "aggregate", "compare_rows", "differing_keys", "grouped_table", "labels",
+    "load_run", "load_runs", "mean_std", "number", "seeds_table", "show", "table",
 ]

@@ -30,6 +30,7 @@ TINY: dict[str, str] = {
     "algo.dim": "16",
     "algo.hidden_dim": "32",
     "data.synthetic_size": "200",
+    "data.synthetic_test_size": "0",  # a fifth of the training set, also under the default config's 10,000
     "fed.num_clients": "2",
     "fed.sync_every": "2",
     "train.epochs": "2",
@@ -202,6 +203,7 @@ SMALLEST_RUN = [
     "algo.dim=8",
     "algo.hidden_dim=8",
     "data.synthetic_size=40",
+    "data.synthetic_test_size=0",
     "data.image_size=16",
     "fed.num_clients=2",
     "train.batch_size=4",

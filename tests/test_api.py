@@ -12,7 +12,7 @@ import pytest
 from conftest import crash_in_server_step, tiny_overrides
 
 import mona_sfl
-from mona_sfl.config import ConfigError, dumps_toml, load_config, resolve_config_path, to_flat
+from mona_sfl.config import ConfigError, dumps_toml, load_config, schema_config, resolve_config_path, to_flat
 from mona_sfl.runtime.sharded import ShardedRuntime
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -40,7 +40,7 @@ def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     code = block.group(1)
     assert code.count('"default"') == 2
     tiny = tmp_path / "tiny.toml"  # the example's config, made tiny
-    tiny.write_text(dumps_toml(load_config(None, TINY)))
+    tiny.write_text(dumps_toml(schema_config(TINY)))
     monkeypatch.chdir(tmp_path)
     scope: dict[str, object] = {}
     exec(compile(code.replace('"default"', f'"{tiny}"'), "README example", "exec"), scope)  # noqa: S102

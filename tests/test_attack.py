@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import tiny_overrides
 from mona_sfl import build
 from mona_sfl.checkpoint import CheckpointError
-from mona_sfl.config import ConfigError, load_config
+from mona_sfl.config import ConfigError, load_config, schema_config
 from mona_sfl.data import ImageData
 from mona_sfl.engine import Trainer
 from mona_sfl.models import NUM_CUTS
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(*extra: str):
-    return load_config(None, TINY + list(extra))
+    return schema_config(TINY + list(extra))
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2"])
@@ -126,7 +126,7 @@ def test_attack_run_writes_results(run_dir: Path) -> None:
 
 
 def _ns(**kw) -> argparse.Namespace:
-    d = dict(run_dir=None, config=None, overrides=[], out=None, untrained=False, epochs=1, aux_fraction=0.1, num_test=8, batch_size=8, decoder_width=8, device="cpu")
+    d = dict(run_dir=None, config=None, overrides=[], out=None, untrained=False, epochs=1, aux_fraction=0.1, num_test=8, batch_size=8, decoder_width=8, device="cpu", quiet=True)
     d.update(kw)
     return argparse.Namespace(**d)
 
@@ -151,3 +151,20 @@ def test_attack_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 def test_attack_config_direct(tmp_path: Path) -> None:
     res = attack_config(tiny_cfg("model.arch=mobilenetv2", "model.cut=5"), tmp_path / "mb", **FAST)
     assert res.upsampling_stages == 2 and (tmp_path / "mb" / "attack.png").is_file()
+
+
+def test_attack_cli_device_from_the_config_and_progress_lines(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No --device: the run's (or --config/--set's) `device` key, auto by default, as in train; progress on stderr unless --quiet."""
+    from mona_sfl.cli import main
+
+    small = ["--epochs", "2", "--aux-fraction", "0.1", "--num-test", "8", "--batch-size", "8", "--decoder-width", "8"]
+    assert main(["attack", str(run_dir), *small]) == 0
+    err = capsys.readouterr().err
+    data = json.loads((run_dir / "attack.json").read_text())
+    assert load_config(run_dir / "config.toml").device == "cpu" == data["meta"]["device"]  # the run's device key
+    lines = [line for line in err.splitlines() if line.startswith("attack: decoder ")]  # not a terminal: plain lines
+    assert lines[-1].startswith("attack: decoder 2/2 epochs (100%) train_mse ")
+    assert f"{float(lines[-1].split()[-1]):.5f}" == f"{data['final_train_loss']:.5f}"
+    assert main(["attack", "--config", str(run_dir / "config.toml"), "--set", "device=auto", "--out", str(tmp_path / "b"), "--quiet", *small]) == 0
+    assert "attack: decoder" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "attack.json").read_text())["meta"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -26,7 +26,7 @@ from PIL import Image
 
 from mona_sfl import config as cfgmod
 from mona_sfl.cli import main
-from mona_sfl.config import Config, ConfigError, dumps_toml, from_dict, from_flat, load_config, to_dict, to_flat, validate
+from mona_sfl.config import Config, ConfigError, dumps_toml, from_dict, from_flat, schema_config, to_dict, to_flat, validate
 
 # The smallest real run: 40 synthetic images, 2 clients, 2 steps, no evaluation before the end.
 from conftest import set_args as sets  # noqa: E402
@@ -332,7 +332,7 @@ OVERRIDES = st.lists(
 
 def _check_loaded(cfg: Config) -> None:
     validate(cfg)
-    assert load_config(None, [f"{k}={v}" for k, v in to_flat(cfg).items() if not isinstance(v, str)]) is not None
+    assert schema_config([f"{k}={v}" for k, v in to_flat(cfg).items() if not isinstance(v, str)]) is not None
     assert from_flat(to_flat(cfg)) == cfg
     assert from_dict(tomllib.loads(dumps_toml(cfg))) == cfg  # config.toml always reloads to the same config
 
@@ -341,7 +341,7 @@ def _check_loaded(cfg: Config) -> None:
 @given(OVERRIDES)
 def test_random_overrides_raise_only_config_error(overrides: list[str]) -> None:
     try:
-        cfg = load_config(None, overrides)
+        cfg = schema_config(overrides)
     except ConfigError:
         return
     _check_loaded(cfg)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from conftest import assert_same, crash_in_server_step, load_checkpoint, losses, tiny_overrides, train
-from mona_sfl.config import load_config
+from mona_sfl.config import schema_config
 from mona_sfl.core.batched import stack_front
 from mona_sfl.core.client import ClientHParams
 from mona_sfl.core.host import ClientHost
@@ -212,7 +212,7 @@ def test_idle_clients_are_not_stacked_and_state_format_is_unchanged() -> None:
 
 def test_bad_values_are_refused() -> None:
     with pytest.raises(ConfigError, match="train.client_batching='yes' is not supported: choose one of off, on"):
-        load_config(None, ["train.client_batching=yes"])
+        schema_config(["train.client_batching=yes"])
     with pytest.raises(ConfigError, match="layer Linear cannot be batched"):
         stack_front(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)), 2)
     with pytest.raises(ConfigError, match="train.client_batching='yes'"):
@@ -224,7 +224,7 @@ TINY = tiny_overrides("train.client_batching=on", "fed.num_clients=3", "fed.samp
 
 
 def test_resume_with_batching_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread) -> None:
-    cfg = load_config(None, TINY + ["model.norm=batch"])
+    cfg = schema_config(TINY + ["model.norm=batch"])
     full, part = tmp_path / "full", tmp_path / "part"
     train(cfg, full)
     with crash_in_server_step(monkeypatch, 6):
@@ -254,7 +254,7 @@ def test_flower_nodes_with_batching_equal_local(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
-    cfg = load_config(None, TINY + ["flower.num_supernodes=1", "model.norm=batch", "fed.sample_ratio=1.0"])
+    cfg = schema_config(TINY + ["flower.num_supernodes=1", "model.norm=batch", "fed.sample_ratio=1.0"])
     train(cfg, tmp_path / "local")
     fcfg = replace(cfg, runtime="flower")
     rt = FlowerRuntime(fcfg, FakeGrid(make_client_app(config_to_run_config(fcfg)), 1))

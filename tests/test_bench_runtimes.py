@@ -14,7 +14,7 @@ import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from mona_sfl.config import Config, ConfigError, load_config, to_flat  # noqa: E402
+from mona_sfl.config import Config, ConfigError, schema_config, to_flat  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,11 +33,11 @@ def load_bench() -> Any:
 def test_cpus_per_client_default_and_validation() -> None:
     assert Config().flower.cpus_per_client == 1.0
     assert "flower.cpus_per_client" in to_flat(Config())
-    assert load_config(None, ["flower.cpus_per_client=0.5"]).flower.cpus_per_client == 0.5
-    assert load_config(None, ["flower.cpus_per_client=2"]).flower.cpus_per_client == 2.0
+    assert schema_config(["flower.cpus_per_client=0.5"]).flower.cpus_per_client == 0.5
+    assert schema_config(["flower.cpus_per_client=2"]).flower.cpus_per_client == 2.0
     for bad in ("0", "-1", "nan", "inf", "'two'", "true"):
         with pytest.raises(ConfigError, match="flower.cpus_per_client"):
-            load_config(None, [f"flower.cpus_per_client={bad}"])
+            schema_config([f"flower.cpus_per_client={bad}"])
 
 
 def test_cpus_per_client_reaches_the_simulation_backend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -46,7 +46,7 @@ def test_cpus_per_client_reaches_the_simulation_backend(monkeypatch: pytest.Monk
     from mona_sfl.runtime.flower.launch import simulation_backend_config, train_with_flower
 
     def resources(*overrides: str) -> dict[str, Any]:
-        return simulation_backend_config(load_config(None, ["device=cpu", *overrides]))["client_resources"]
+        return simulation_backend_config(schema_config(["device=cpu", *overrides]))["client_resources"]
 
     assert resources() == {"num_cpus": 1, "num_gpus": 0.0}  # the behaviour before the key existed
     assert resources("flower.cpus_per_client=2") == {"num_cpus": 2, "num_gpus": 0.0}
@@ -58,7 +58,7 @@ def test_cpus_per_client_reaches_the_simulation_backend(monkeypatch: pytest.Monk
         seen.update(kwargs)
 
     monkeypatch.setattr(flwr.simulation, "run_simulation", fake_run_simulation)
-    cfg = load_config(None, ["device=cpu", "runtime=flower", "fed.num_clients=3", "flower.cpus_per_client=1.5"])
+    cfg = schema_config(["device=cpu", "runtime=flower", "fed.num_clients=3", "flower.cpus_per_client=1.5"])
     with pytest.raises(RuntimeError, match="without a result"):
         train_with_flower(cfg, tmp_path / "run", progress=False)
     assert seen["num_supernodes"] == 3
@@ -78,8 +78,8 @@ def test_runtime_specs_and_table() -> None:
             b.runtime_overrides(bad)
     for name in ("tiny", "resnet", "deep", "base"):  # every named config is a valid config for every runtime
         for spec in ("local", "ray:2x1", "flower:2"):
-            load_config(None, [*b.COMMON, *b.CONFIGS[name], *b.runtime_overrides(spec), *b.timing_keys(5)])
-    assert load_config(None, b.CONFIGS["deep"]).model.cut > load_config(None, b.CONFIGS["resnet"]).model.cut
+            schema_config([*b.COMMON, *b.CONFIGS[name], *b.runtime_overrides(spec), *b.timing_keys(5)])
+    assert schema_config(b.CONFIGS["deep"]).model.cut > schema_config(b.CONFIGS["resnet"]).model.cut
     rows = [
         {"config": "x", "runtime": "local", "median": 1.0, "mean": 1.0, "min": 1.0, "ratio": 1.0, "cpu": math.nan},
         {"config": "x", "runtime": "flower", "error": "ValueError: boom"},
@@ -125,7 +125,7 @@ def test_bench_tiny_local_and_ray() -> None:
     assert local["ratio"] == 1.0 and on_ray["ratio"] > 0
     # the byte ledger has one meaning in every runtime: the protocol's payload, moved or not
     assert (local["up_MB"], local["down_MB"]) == (on_ray["up_MB"], on_ray["down_MB"])
-    cfg = load_config(None, b.CONFIGS["tiny"])
+    cfg = schema_config(b.CONFIGS["tiny"])
     act = cut_info(cfg.model.arch, cfg.model.cut, width=cfg.model.width).activation_numel * 4 * 2 * cfg.train.batch_size  # symmetric: 2B rows
     assert on_ray["up_MB"] * 1e6 == pytest.approx(cfg.fed.num_clients * 2 * act)  # a_q and a_k per client
     assert on_ray["down_MB"] * 1e6 == pytest.approx(cfg.fed.num_clients * act)  # one gradient per client

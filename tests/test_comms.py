@@ -19,7 +19,7 @@ from mona_sfl.comms import (
     resolve_steps_per_epoch,
 )
 from mona_sfl.cli.comm import run as comm_main
-from mona_sfl.config import load_config
+from mona_sfl.config import schema_config
 from mona_sfl.core.sync import fedavg
 
 # steps per epoch from the data, the default epochs and sync cadence
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(*extra: str):
-    return load_config(None, TINY + list(extra))
+    return schema_config(TINY + list(extra))
 
 
 # --------------------------------------------------------------------------- reference formula
@@ -138,7 +138,7 @@ def test_steps_per_epoch_without_loading_images() -> None:
     parts = build.client_partition(cfg, train.labels, len(train.classes))
     assert resolve_steps_per_epoch(cfg) == build.steps_per_epoch(cfg, parts) == math.ceil(140 / 4 / 6)
     # CIFAR-10 without a data folder: the size is known, nothing is loaded
-    c10 = load_config(None, ["data.name=cifar10", "fed.num_clients=5", "train.batch_size=20"])
+    c10 = schema_config(["data.name=cifar10", "fed.num_clients=5", "train.batch_size=20"])
     assert resolve_steps_per_epoch(c10) == 500
     assert resolve_steps_per_epoch(c10, steps_per_epoch=7) == 7
     assert resolve_steps_per_epoch(c10, num_train=1000) == 10

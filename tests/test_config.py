@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mona_sfl.config import Config, ConfigError, dumps_toml, from_flat, load_config, to_flat
+from mona_sfl.config import Config, ConfigError, dumps_toml, from_flat, load_config, schema_config, to_flat
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted(p for p in (ROOT / "configs").iterdir() if p.suffix in (".toml", ".yaml", ".yml"))
@@ -30,7 +30,7 @@ def test_every_config_file_loads_and_validates(path: Path) -> None:
 
 
 def test_overrides_and_types(tmp_path: Path) -> None:
-    cfg = load_config(None, ["model.cut=4", "algo.align_momentum=false", "train.lr=0.5", "data.name=cifar10", "seed=3"])
+    cfg = schema_config(["model.cut=4", "algo.align_momentum=false", "train.lr=0.5", "data.name=cifar10", "seed=3"])
     assert cfg.model.cut == 4 and cfg.algo.align_momentum is False and cfg.train.lr == 0.5 and cfg.seed == 3
     assert cfg.data.name == "cifar10"
     saved = tmp_path / "c.toml"
@@ -63,7 +63,7 @@ def test_overrides_and_types(tmp_path: Path) -> None:
 )
 def test_bad_overrides_are_refused_with_the_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as e:
-        load_config(None, overrides)
+        schema_config(overrides)
     assert message in str(e.value)
 
 
@@ -94,6 +94,26 @@ def test_readme_key_table_is_the_schema() -> None:
     begin = "<!-- keys: generated from the schema by mona_sfl.config.key_table(); a test checks it -->\n"
     assert begin in readme and "\n<!-- keys: end -->" in readme
     table = readme.split(begin, 1)[1].split("\n<!-- keys: end -->", 1)[0]
-    assert table == key_table(), "README 'Keys' table is stale; replace it with mona_sfl.config.key_table()"
+    assert table == key_table(), "README 'Key reference' table is stale; replace it with mona_sfl.config.key_table()"
     for k in to_flat(Config()):
         assert f"| `{k}` |" in table
+
+
+def test_load_config_without_a_file_is_the_cli_default_config() -> None:
+    """One source of defaults: load_config(None) is what `mona-sfl train` / `config show` use without --config."""
+    import os
+    import subprocess
+    import sys
+    import tomllib
+
+    from mona_sfl.config import from_dict, resolve_config_path
+
+    default = load_config(None)
+    assert default == load_config(resolve_config_path(None))
+    assert default != Config() and default.model.width == 0.125  # the bundled default.toml, not the schema's
+    assert schema_config() == Config()
+    assert load_config(None, ["model.cut=5"]) == load_config(resolve_config_path(None), ["model.cut=5"])
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    shown = subprocess.run([sys.executable, "-m", "mona_sfl", "config", "show"], capture_output=True, text=True, env=env, cwd=root, check=True)
+    assert from_dict(tomllib.loads(shown.stdout)) == default

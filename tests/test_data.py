@@ -94,6 +94,24 @@ def test_load_synthetic_splits() -> None:
     assert not torch.equal(tr.images, load_dataset("synthetic", "train", seed=6, synthetic_size=100).images)
 
 
+def test_synthetic_test_size_sets_the_test_split_only() -> None:
+    """data.synthetic_test_size: N test images (0 = synthetic_size // 5); the train split and the first test images stay."""
+    te20 = load_dataset("synthetic", "test", seed=5, synthetic_size=100)
+    te = load_dataset("synthetic", "test", seed=5, synthetic_size=100, synthetic_test_size=70)
+    tr = load_dataset("synthetic", "train", seed=5, synthetic_size=100, synthetic_test_size=70)
+    assert len(te) == 70 and len(tr) == 100
+    assert torch.equal(tr.images, load_dataset("synthetic", "train", seed=5, synthetic_size=100).images)
+    assert len(load_dataset("synthetic", "test", seed=5, synthetic_size=100, synthetic_test_size=0)) == 20
+    with pytest.raises(DataError, match="data.synthetic_test_size"):
+        load_dataset("synthetic", "test", seed=5, synthetic_size=100, synthetic_test_size=-1)
+    from mona_sfl.config import schema_config
+    from mona_sfl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.synthetic_test_size"):
+        schema_config(["data.synthetic_test_size=-3"])
+    assert te20.images.shape[1:] == te.images.shape[1:]
+
+
 # --------------------------------------------------------------------------------------------
 # ImageData and load_dataset argument checks
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_same, crash_in_server_step, load_checkpoint, losses, tiny_overrides
 from mona_sfl.checkpoint import read_metrics
 from mona_sfl.cli import main
-from mona_sfl.config import load_config
+from mona_sfl.config import load_config, schema_config
 from mona_sfl.engine import Trainer
 
 # the default device, a kNN monitor every epoch and the linear probe (2 epochs)
@@ -21,7 +21,7 @@ TINY = tiny_overrides("train.checkpoint_every=2", "eval.every=1", "eval.linear_e
 
 
 def tiny_cfg(*extra: str):
-    return load_config(None, TINY + list(extra))
+    return schema_config(TINY + list(extra))
 
 
 def test_run_folder_contents(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_same, load_checkpoint, losses, tiny_overrides
-from mona_sfl.config import load_config
+from mona_sfl.config import schema_config
 
 flwr = pytest.importorskip("flwr")
 
@@ -160,7 +160,7 @@ def test_worker_polls_at_its_interval_and_stops(monkeypatch: pytest.MonkeyPatch)
 def test_deploy_refuses_bad_speed_settings(tmp_path: Path) -> None:
     from mona_sfl.runtime.flower.deploy import deploy
 
-    cfg = load_config(None, [*TINY, "runtime=flower"])
+    cfg = schema_config([*TINY, "runtime=flower"])
     with pytest.raises(ValueError, match="clientapp"):
         deploy(cfg, 2, tmp_path / "run", clientapp="forever")
     with pytest.raises(ValueError, match="supernode_poll_s"):
@@ -204,8 +204,8 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, one_thread) -> dict:
 
     root = tmp_path_factory.mktemp("deployed")
     extra = ["train.max_steps=4"]
-    Trainer(load_config(None, [*TINY, *extra]), root / "local", progress=False).run()
-    cfg = load_config(None, [*TINY, *extra, "runtime=flower", "flower.num_supernodes=2", "flower.step_timeout_s=120"])
+    Trainer(schema_config([*TINY, *extra]), root / "local", progress=False).run()
+    cfg = schema_config([*TINY, *extra, "runtime=flower", "flower.num_supernodes=2", "flower.step_timeout_s=120"])
     res = deploy(cfg, 2, root / "run", work_dir=root / "work", probe_mb=64.0, extra_env={"OMP_NUM_THREADS": "1"}, timeout_s=600)
     res["still_tagged"] = tagged_pids(res["tag"])
     res["local"], res["run"] = root / "local", root / "run"

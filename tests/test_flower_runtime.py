@@ -20,7 +20,7 @@ import torch
 
 from conftest import assert_same, crash_in_server_step, load_checkpoint, losses, step_records, tiny_overrides
 from mona_sfl import build
-from mona_sfl.config import load_config, replace
+from mona_sfl.config import load_config, schema_config, replace
 
 flwr = pytest.importorskip("flwr")
 
@@ -51,7 +51,7 @@ def _flower_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
 
 
 def tiny(*extra: str):
-    return load_config(None, TINY + list(extra))
+    return schema_config(TINY + list(extra))
 
 
 def assert_same_checkpoints(a_dir: Path, b_dir: Path, *, same_process: bool = True) -> None:
@@ -161,7 +161,7 @@ def test_repository_pyproject_flower_app_matches_the_config() -> None:
     assert keys == set(to_flat(Config())) | set(APP_KEYS)
     config_from_run_config(flatten_dict(app["config"]))  # valid values
     # and the values are the bundled default config's: `flwr run .` trains what `mona-sfl train` does
-    from mona_sfl.config import load_config, resolve_config_path
+    from mona_sfl.config import load_config, schema_config, resolve_config_path
     from mona_sfl.runtime.flower.run_config import app_config_toml, config_to_run_config
 
     default = load_config(resolve_config_path(None))

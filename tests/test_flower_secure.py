@@ -23,7 +23,7 @@ from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key  # noqa: E402
 
-from mona_sfl.config import load_config  # noqa: E402
+from mona_sfl.config import schema_config  # noqa: E402
 from mona_sfl.cli import main  # noqa: E402
 from mona_sfl.runtime.flower import certs  # noqa: E402
 from mona_sfl.runtime.flower.deploy import Running, deploy, tagged_pids  # noqa: E402
@@ -67,7 +67,7 @@ def test_certs_are_what_flower_loads(tmp_path: Path) -> None:
 def test_authenticated_supernode_trains_unknown_one_is_refused(tmp_path: Path) -> None:
     tls = certs.make_test_certs(tmp_path / "certs", nodes=1, days=1)
     intruder_key, _ = certs.make_node_key(tmp_path / "intruder", 0)  # a valid key pair, never registered
-    cfg = load_config(None, [
+    cfg = schema_config([
         "runtime=flower", "flower.num_supernodes=1", "flower.step_timeout_s=120",
         "fed.num_clients=1", "train.max_steps=1", "train.batch_size=8", "train.steps_per_epoch=1",
         "model.width=0.125", "algo.K=64", "algo.dim=16", "algo.hidden_dim=32",

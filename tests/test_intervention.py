@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import assert_same, crash_in_server_step, load_checkpoint, losses, step_records, tiny_overrides
-from mona_sfl.config import ConfigError, load_config
+from mona_sfl.config import ConfigError, schema_config
 from mona_sfl.core.intervention import Intervention, fit_intervention
 from mona_sfl.data.views import normalize
 from mona_sfl.engine import Trainer
@@ -67,18 +67,18 @@ def test_l1_decreases_on_a_tiny_problem() -> None:
 
 def test_config_validation() -> None:
     with pytest.raises(ConfigError, match="intervention_rank"):
-        load_config(None, ["fed.intervention_rank=0"])
+        schema_config(["fed.intervention_rank=0"])
     with pytest.raises(ConfigError, match="intervention_steps"):
-        load_config(None, ["fed.intervention_steps=0"])
+        schema_config(["fed.intervention_steps=0"])
     with pytest.raises(ConfigError, match="intervention_every_sync=true needs fed.interventions=true"):
-        load_config(None, ["fed.intervention_every_sync=true"])
+        schema_config(["fed.intervention_every_sync=true"])
 
 
 TINY = tiny_overrides("fed.interventions=true", "fed.intervention_steps=5", "fed.intervention_channels=4", "data.image_size=16", "train.checkpoint_every=2")
 
 
 def test_personalisation_report_and_exact_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = load_config(None, TINY)
+    cfg = schema_config(TINY)
     full = tmp_path / "full"
     summary = Trainer(cfg, full, progress=False).run()
     rows = summary["personal"]
@@ -111,8 +111,8 @@ def test_every_sync_with_a_single_sync_is_the_end_of_training_fit(tmp_path: Path
     """One sync: fitting after it (seed + client + clients x 0, from the identity) is exactly the
     end-of-training fit, so the interventions and the personalised rows are the same."""
     one = ("train.epochs=1", "fed.sync_every=0")
-    end = Trainer(load_config(None, TINY + list(one)), tmp_path / "end", progress=False).run()
-    cfg = load_config(None, TINY + [*one, "fed.intervention_every_sync=true"])
+    end = Trainer(schema_config(TINY + list(one)), tmp_path / "end", progress=False).run()
+    cfg = schema_config(TINY + [*one, "fed.intervention_every_sync=true"])
     every = Trainer(cfg, tmp_path / "every", progress=False).run()
     assert every["personal"] == end["personal"] and every["syncs"] == 1
     a, b = load_checkpoint(tmp_path / "end"), load_checkpoint(tmp_path / "every")
@@ -124,7 +124,7 @@ def test_every_sync_with_a_single_sync_is_the_end_of_training_fit(tmp_path: Path
 
 def test_every_sync_warm_starts_leaves_training_alone_and_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     one = ["train.server_threads=1"]  # the replay below runs on this module's one thread
-    cfg = load_config(None, TINY + [*one, "fed.intervention_every_sync=true"])
+    cfg = schema_config(TINY + [*one, "fed.intervention_every_sync=true"])
     seen: dict[int, dict] = {}
 
     def snapshot(t: Trainer) -> None:
@@ -135,7 +135,7 @@ def test_every_sync_warm_starts_leaves_training_alone_and_resumes_exactly(tmp_pa
     t.on_step = snapshot
     summary = t.run()
     # training does not see the interventions: the same losses and fronts as the end-of-training option
-    Trainer(load_config(None, TINY + one), tmp_path / "end", progress=False).run()
+    Trainer(schema_config(TINY + one), tmp_path / "end", progress=False).run()
     assert losses(tmp_path / "full") == losses(tmp_path / "end")
     a, b = load_checkpoint(tmp_path / "end"), load_checkpoint(tmp_path / "full")
     for key in ("global_online", "global_momentum", "server", "premerge"):

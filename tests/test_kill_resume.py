@@ -37,7 +37,7 @@ from conftest import (
     tiny_overrides,
 )
 from mona_sfl.checkpoint import MetricsLog, read_metrics, save_checkpoint, truncate_metrics
-from mona_sfl.config import ConfigError, load_config
+from mona_sfl.config import ConfigError, schema_config
 from mona_sfl.engine import Trainer
 
 TINY = tiny_overrides(
@@ -289,9 +289,9 @@ def test_ray_sigkill_and_sigterm_then_resume_matches_local(tmp_path: Path, refer
 def test_checkpoint_minutes_cadence_resume_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A time-based cadence (here: due at every step) changes when state is saved, not the run."""
     full = tmp_path / "full"
-    Trainer(load_config(None, TINY), full, progress=False).run()
+    Trainer(schema_config(TINY), full, progress=False).run()
 
-    cfg = load_config(None, TINY + ["train.checkpoint_every=0", "train.checkpoint_minutes=1e-9"])
+    cfg = schema_config(TINY + ["train.checkpoint_every=0", "train.checkpoint_minutes=1e-9"])
     part = tmp_path / "part"
     with crash_in_server_step(monkeypatch, 5):  # dies in step 5
         Trainer(cfg, part, progress=False).run()
@@ -306,8 +306,8 @@ def test_checkpoint_minutes_cadence_resume_is_exact(tmp_path: Path, monkeypatch:
 
 def test_checkpoint_minutes_is_validated() -> None:
     with pytest.raises(ConfigError, match="train.checkpoint_minutes"):
-        load_config(None, ["train.checkpoint_minutes=-1"])
-    assert load_config(None, ["train.checkpoint_minutes=2.5"]).train.checkpoint_minutes == 2.5
+        schema_config(["train.checkpoint_minutes=-1"])
+    assert schema_config(["train.checkpoint_minutes=2.5"]).train.checkpoint_minutes == 2.5
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ from conftest import train as train_tiny
 
 from mona_sfl.checkpoint import read_metrics
 from mona_sfl.cli import main
-from mona_sfl.config import ConfigError, load_config
+from mona_sfl.config import ConfigError, load_config, schema_config
 from mona_sfl.engine import Trainer
 from mona_sfl.logs import numbers
 
@@ -22,7 +22,7 @@ TINY = tiny_overrides("eval.every=1", "train.checkpoint_every=2")
 
 
 def cfg_with(*extra: str) -> Any:
-    return load_config(None, [*TINY, *extra])
+    return schema_config([*TINY, *extra])
 
 
 def _csv_records(run: Path) -> list[dict[str, str]]:
@@ -120,9 +120,9 @@ def test_backends_are_checked_and_a_list_is_accepted_in_a_file(tmp_path: Path) -
     assert cfg.log.backends == "csv,tensorboard" and cfg.log.backend_names == ["jsonl", "csv", "tensorboard"]
     for bad, message in [("tb", "choose one of jsonl, csv, tensorboard, wandb"), ("csv,", "empty name"), ("csv,csv", "twice")]:
         with pytest.raises(ConfigError, match=message):
-            load_config(None, [f"log.backends={bad}"])
+            schema_config([f"log.backends={bad}"])
     f.write_text('[log]\nbackends = ["csv", 3]\n')
     with pytest.raises(ConfigError, match="list of names"):
         load_config(f)
     with pytest.raises(ConfigError, match="log.wandb_mode"):
-        load_config(None, ["log.wandb_mode=cloud"])
+        schema_config(["log.wandb_mode=cloud"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import assert_same, crash_in_server_step, load_checkpoint, losses, step_records, tiny_overrides
-from mona_sfl.config import ConfigError, load_config
+from mona_sfl.config import ConfigError, schema_config
 from mona_sfl.core import AGGREGATIONS
 from mona_sfl.core.merge import Axis, axis_matrix, axis_merge, is_matrix, layer_k
 from mona_sfl.core.sync import GlobalFronts, Merge, fedavg, sync_fronts
@@ -196,9 +196,9 @@ def test_axis_needs_a_base_and_matching_keys() -> None:
     with pytest.raises(ValueError, match="positive"):
         Axis(0.0)
     with pytest.raises(ConfigError, match="fed.axis_keep"):
-        load_config(None, ["fed.axis_keep=0"])
+        schema_config(["fed.axis_keep=0"])
     with pytest.raises(ConfigError, match="fed.aggregation"):
-        load_config(None, ["fed.aggregation=axes"])
+        schema_config(["fed.aggregation=axes"])
 
 
 # ----------------------------------------------------------------------------- the sync
@@ -206,7 +206,7 @@ def test_sync_merges_online_and_momentum_against_their_own_bases() -> None:
     base_on = front_state("resnet18", 2, seed=0)
     base_mo = front_state("resnet18", 2, seed=7)
     on, mo = perturbed(base_on, 3, seed=1), perturbed(base_mo, 3, seed=2)
-    agg = AGGREGATIONS.get("axis")(load_config(None, ["fed.aggregation=axis", "fed.axis_keep=0.2"]).fed)
+    agg = AGGREGATIONS.get("axis")(schema_config(["fed.aggregation=axis", "fed.axis_keep=0.2"]).fed)
     assert agg == Axis(0.2)
     res = sync_fronts(list(zip(on, mo)), align=True, aggregate=agg, base=GlobalFronts(base_on, base_mo))
     assert_same(res.fronts.online, axis_merge(on, base_on, 0.2).state)
@@ -226,7 +226,7 @@ def test_sync_merges_online_and_momentum_against_their_own_bases() -> None:
 def test_fedavg_through_the_registry_is_unchanged() -> None:
     base = front_state("resnet18", 2)
     on, mo = perturbed(base, 3, seed=1), perturbed(base, 3, seed=2)
-    agg = AGGREGATIONS.get("fedavg")(load_config(None, []).fed)
+    agg = AGGREGATIONS.get("fedavg")(schema_config([]).fed)
     assert agg is fedavg
     res = sync_fronts(list(zip(on, mo)), align=True, aggregate=agg, base=GlobalFronts(base, base))
     assert_same(res.fronts.online, fedavg(on))
@@ -240,7 +240,7 @@ TINY = tiny_overrides("fed.aggregation=axis", "train.checkpoint_every=2", "data.
 
 
 def tiny_cfg(*extra: str):
-    return load_config(None, TINY + list(extra))
+    return schema_config(TINY + list(extra))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mona_sfl.checkpoint import read_metrics
 from mona_sfl.cli import main
-from mona_sfl.config import load_config
+from mona_sfl.config import load_config, schema_config
 from mona_sfl.core.schedule import server_lr
 from mona_sfl.plots import curve_figures
 from mona_sfl.runs import COLUMNS, labels, load_runs
@@ -25,8 +25,8 @@ LABELS = ["model.cut=2, algo.align_momentum=true", "model.cut=3, algo.align_mome
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> list[Path]:
     base = tmp_path_factory.mktemp("runs")
-    train_tiny(load_config(None, TINY), base / "mona")
-    train_tiny(load_config(None, [*TINY, "model.cut=3", "algo.align_momentum=false"]), base / "moco")
+    train_tiny(schema_config(TINY), base / "mona")
+    train_tiny(schema_config([*TINY, "model.cut=3", "algo.align_momentum=false"]), base / "moco")
     return [base / "mona", base / "moco"]
 
 
@@ -64,7 +64,7 @@ def test_the_figures_carry_the_labels(two_runs: list[Path]) -> None:
     for name, fig in figures.items():
         (ax,) = fig.axes
         assert ax.get_xlabel() == "training step"
-        assert ax.get_ylabel() == ylabels.get(name, "online vs momentum front: mean squared difference")
+        assert ax.get_ylabel() == ylabels.get(name, "online vs momentum front:\nmean squared difference")
         assert [t.get_text() for t in ax.get_legend().get_texts()] == LABELS
     knn_steps = list(figures["knn"].axes[0].get_lines()[0].get_xdata())
     assert knn_steps == [r["step"] for r in runs[0].records if "knn_top1" in r] == [0, 2, 4, 6]
@@ -122,3 +122,68 @@ def test_labels_name_at_most_four_keys_and_the_folder_where_they_collide() -> No
         "k0=1, k1=1, k2=1, k3=1, +2 more keys",
         "k0=0, k1=0, k2=0, k3=0, +2 more keys (c)",
     ]
+
+
+def _fake_runs() -> list:
+    """Four runs in memory: two methods x two seeds, loss every step, kNN every 5 steps, ol_ml at syncs."""
+    from mona_sfl.runs import Run
+
+    runs = []
+    for align in (True, False):
+        for seed in (0, 1):
+            recs = [{"step": t, "epoch": 0, "loss": 5.0 - 0.01 * t + 0.1 * seed, "lr": 0.06} for t in range(1, 61)]
+            recs += [{"step": t, "knn_top1": 10.0 + t / 10 + seed} for t in range(0, 61, 5)]
+            recs += [{"step": t, "sync": True, "ol_ml": 1e-4 * (2 if align else 50) * (1 + seed)} for t in range(10, 61, 10)]
+            runs.append(Run(Path(f"{'mona' if align else 'moco'}-s{seed}"), {"seed": seed, "model.cut": 2, "algo.align_momentum": align}, None, recs))
+    return runs
+
+
+def test_runs_that_differ_in_seed_share_a_colour_and_each_seed_has_a_marker() -> None:
+    from mona_sfl.plots import SEED_MARKERS, run_styles
+
+    runs = _fake_runs()
+    assert labels(runs) == [f"seed={s}, algo.align_momentum={a}" for a in ("true", "false") for s in (0, 1)]
+    styles = run_styles(runs)
+    assert [c for c, _, _ in styles] == [0, 0, 1, 1]
+    assert [m for _, m, _ in styles] == [SEED_MARKERS[0], SEED_MARKERS[1]] * 2
+    figures = curve_figures(runs, labels(runs))
+    for name in ("knn", "misalignment"):
+        lines = figures[name].axes[0].get_lines()
+        assert [ln.get_color() for ln in lines][0] == lines[1].get_color() != lines[2].get_color() == lines[3].get_color()
+        assert [ln.get_marker() for ln in lines] == [SEED_MARKERS[0], SEED_MARKERS[1]] * 2
+    # runs of different configs (no seed pairs) keep one colour each
+    assert [c for c, _, _ in run_styles(runs[::2])] == [0, 1]
+
+
+def test_human_byte_units_on_axes() -> None:
+    import matplotlib.pyplot as plt
+
+    from mona_sfl.plots import bytes_axis, human_bytes
+
+    assert [human_bytes(x) for x in (850, 12_345, 4.5e6, 1e7, 123e6, 1.23e9, 2.5e12)] == [
+        "850 B", "12.3 kB", "4.5 MB", "10 MB", "123 MB", "1.2 GB", "2.5 TB"
+    ]
+    fig, ax = plt.subplots()
+    ax.plot([1e6, 1e7, 1e9], [1, 2, 3])
+    ax.set_xscale("log")
+    bytes_axis(ax.xaxis)
+    fig.canvas.draw()
+    shown = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert "10 MB" in shown and "1 GB" in shown and not any("10^" in t or "e+" in t for t in shown)
+    plt.close(fig)
+
+
+def test_spread_labels_leaves_no_two_labels_overlapping() -> None:
+    import matplotlib.pyplot as plt
+
+    from mona_sfl.plots import spread_labels
+
+    fig, ax = plt.subplots()
+    ax.scatter([0.5, 0.5, 0.51, 0.5], [0.5, 0.5, 0.5, 0.505])
+    texts = [ax.annotate(f"cut {c}", (0.5, 0.5), xytext=(6, 4), textcoords="offset points") for c in (1, 2, 4, 8)]
+    renderer = fig.canvas.get_renderer()
+    assert texts[0].get_window_extent(renderer).overlaps(texts[1].get_window_extent(renderer))
+    spread_labels(ax, texts)
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    assert not any(boxes[i].overlaps(boxes[j]) for i in range(4) for j in range(i + 1, 4))
+    plt.close(fig)

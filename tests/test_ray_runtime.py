@@ -22,7 +22,7 @@ ray = pytest.importorskip("ray")
 
 from conftest import assert_same, load_checkpoint, losses, step_records, tiny_overrides, train  # noqa: E402
 from mona_sfl.build import split_info  # noqa: E402
-from mona_sfl.config import ConfigError, load_config  # noqa: E402
+from mona_sfl.config import ConfigError, schema_config  # noqa: E402
 from mona_sfl.core.schedule import sample_clients  # noqa: E402
 from mona_sfl.engine import Trainer  # noqa: E402
 from mona_sfl.runtime import AllClientsLost  # noqa: E402
@@ -33,7 +33,7 @@ LOGGER = "mona_sfl.runtime.ray"
 
 
 def tiny_cfg(*extra: str):
-    return load_config(None, TINY + list(extra))
+    return schema_config(TINY + list(extra))
 
 
 MB = 1024 * 1024
@@ -302,7 +302,7 @@ def test_default_layout_is_one_actor_per_free_cpu(monkeypatch: pytest.MonkeyPatc
 
     def layout(free: dict[str, float], *overrides: str) -> int:
         t = object.__new__(RayTransport)  # only the layout logic, no Ray connection
-        t.cfg = load_config(None, ["fed.num_clients=5", *overrides])
+        t.cfg = schema_config(["fed.num_clients=5", *overrides])
         t._reuse = False
         monkeypatch.setattr(ray, "available_resources", lambda: dict(free))
         return t.num_actors()

@@ -23,7 +23,7 @@ from PIL import Image
 
 from mona_sfl.checkpoint import read_metrics
 from mona_sfl.cli import main
-from mona_sfl.config import ConfigError, load_config
+from mona_sfl.config import ConfigError, load_config, schema_config
 from mona_sfl.data.datasets import load_dataset
 from mona_sfl.errors import CheckpointError, DataError
 
@@ -208,10 +208,10 @@ def test_the_decompression_bomb_limit_applies_and_a_key_raises_it(tmp_path: Path
     assert (root / "a" / "big.png").stat().st_size < 2_000_000
     with pytest.raises(DataError, match="is too large .*data.max_image_pixels=89478485"):
         load(root)
-    cfg = load_config(None, ["data.max_image_pixels=400000000"])
+    cfg = schema_config(["data.max_image_pixels=400000000"])
     assert cfg.data.max_image_pixels == 400_000_000
     with pytest.raises(ConfigError, match="data.max_image_pixels must be >= 1"):
-        load_config(None, ["data.max_image_pixels=0"])
+        schema_config(["data.max_image_pixels=0"])
 
 
 # ----------------------------------------------------------------------------- damaged run files
@@ -317,7 +317,7 @@ def test_the_deployed_app_carries_any_folder_name_as_one_value(tmp_path: Path) -
     from mona_sfl.runtime.flower.deploy import write_app
     from mona_sfl.runtime.flower.run_config import config_from_run_config
 
-    cfg = load_config(None, [*TINY, "device=cpu"])
+    cfg = schema_config([*TINY, "device=cpu"])
     odd = tmp_path / 'run" device="cuda\' \\ x\ny'
     write_app(tmp_path / "app", cfg, odd, probe_mb=2.0, probe_only=True)
     table = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
@@ -345,7 +345,7 @@ def test_the_server_app_never_starts_a_run_over_another(stopped_run: Path, tmp_p
     run = copy_run(stopped_run, tmp_path / "run")
     before = tree(run)
     with pytest.raises(ConfigError, match="already holds a run"):
-        run_trainer(None, load_config(None, TINY), run)  # type: ignore[arg-type]  # refused before the grid is used
+        run_trainer(None, schema_config(TINY), run)  # type: ignore[arg-type]  # refused before the grid is used
     assert tree(run) == before
 
 
@@ -369,7 +369,7 @@ def test_the_server_app_never_starts_a_run_over_another(stopped_run: Path, tmp_p
 )
 def test_resource_bounds_name_the_key_and_the_limit(overrides: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ConfigError) as e:
-        load_config(None, overrides)
+        schema_config(overrides)
     assert message in str(e.value)
     assert main(["comm", *[x for o in overrides for x in ("--set", o)]]) == 2  # the analytic command too, at once
     assert message in capsys.readouterr().err
@@ -558,8 +558,8 @@ def test_ray_processes_of_a_killed_driver_end_within_seconds(runtime: str) -> No
     dashboard, the raylet's agents) is gone within seconds, not after the agents' 90 s."""
     pytest.importorskip("ray")
     code = (
-        "import time\nfrom conftest import SMALLEST_RUN\nfrom mona_sfl.config import load_config\n"
-        f"cfg = load_config(None, SMALLEST_RUN + ['runtime={runtime}'])\n{RAY_DRIVERS[runtime]}"
+        "import time\nfrom conftest import SMALLEST_RUN\nfrom mona_sfl.config import schema_config\n"
+        f"cfg = schema_config(SMALLEST_RUN + ['runtime={runtime}'])\n{RAY_DRIVERS[runtime]}"
         "print('up', flush=True)\ntime.sleep(300)\n"
     )
     tests = str(Path(__file__).parent)

@@ -13,7 +13,7 @@ from conftest import tiny_overrides
 from mona_sfl.api import train_seeds
 from mona_sfl.cli import main
 from mona_sfl.config import ConfigError, load_config
-from mona_sfl.runs import mean_std
+from mona_sfl.runs import grouped_table, mean_std
 
 TINY = tiny_overrides("train.epochs=1")
 
@@ -22,6 +22,22 @@ def test_mean_std_is_the_sample_std() -> None:
     assert mean_std([1.0, 2.0, 6.0]) == (3.0, pytest.approx(statistics.stdev([1.0, 2.0, 6.0])), 3)
     mean, std, n = mean_std([4.0])
     assert (mean, n) == (4.0, 1) and math.isnan(std)
+
+
+def test_grouped_table_mean_sample_std_and_n_per_group() -> None:
+    """The study's table: one row per group, n, mean ± sample std; a missing value counts in no mean."""
+    rows = [
+        {"method": "MonAcoSFL", "cut": 2, "acc": 20.0, "b": 2_000_000}, {"method": "MonAcoSFL", "cut": 2, "acc": 23.0, "b": 2_000_000},
+        {"method": "MocoSFL", "cut": 2, "acc": "", "b": 3_500_000}, {"method": "MonAcoSFL", "cut": 6, "acc": 10.0, "b": "nan"},
+        {"method": "MonAcoSFL", "cut": 6, "acc": 12.0, "b": 1e6},
+    ]
+    lines = grouped_table(rows, ["method", "cut"], [("acc", "acc %", ".2f", 1.0), ("b", "MB", ".1f", 1e-6), ("x", "never", ".1f", 1.0)]).splitlines()
+    assert lines[0].split() == ["method", "cut", "n", "acc", "%", "(mean", "±", "std)", "MB", "(mean", "±", "std)"]
+    assert [line.split() for line in lines[2:]] == [
+        ["MonAcoSFL", "2", "2", "21.50", "±", f"{statistics.stdev([20.0, 23.0]):.2f}", "2.0", "±", "0.0"],
+        ["MocoSFL", "2", "1", "-", "3.5"],
+        ["MonAcoSFL", "6", "2", "11.00", "±", "1.41", "1.0", "(n=1)"],
+    ]
 
 
 def test_train_seeds_runs_each_seed_in_its_folder_and_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None) -> None:

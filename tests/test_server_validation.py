@@ -19,7 +19,7 @@ import torch
 
 from conftest import assert_same, step_records
 from mona_sfl import build
-from mona_sfl.config import load_config
+from mona_sfl.config import schema_config
 from mona_sfl.core.client import Activations
 from mona_sfl.core.server import ActivationSpec, ActivationsRejected, Server
 from mona_sfl.engine import Trainer
@@ -38,7 +38,7 @@ TINY = [
 ]
 
 
-CFG = load_config(None, TINY)
+CFG = schema_config(TINY)
 SPEC = build.activation_spec(CFG)
 
 
@@ -155,7 +155,7 @@ def test_spec_follows_the_config(cfg) -> None:
     assert spec.shape == tuple(out.shape[1:]) and spec.dtype == torch.float32
     assert spec.max_rows == 2 * cfg.train.batch_size  # client-side symmetric doubling
     assert spec.max_bytes() == spec.max_rows * out[0].numel() * 4
-    assert build.activation_spec(load_config(None, [*TINY, "algo.symmetric=none"])).max_rows == cfg.train.batch_size
+    assert build.activation_spec(schema_config([*TINY, "algo.symmetric=none"])).max_rows == cfg.train.batch_size
     # the last batch of a data pass may be smaller: fewer rows are fine
     assert spec.check(good(0, 1, 1, spec.shape)) is None
 
@@ -178,7 +178,7 @@ class CorruptingRuntime(LocalRuntime):
 
 
 def test_engine_drops_the_client_for_one_step_and_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cfg = load_config(None, [*TINY, "train.max_steps=3", "eval.every=0", "eval.linear=false", "eval.knn_k=5"])
+    cfg = schema_config([*TINY, "train.max_steps=3", "eval.every=0", "eval.linear=false", "eval.knn_k=5"])
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     trainer.runtime = CorruptingRuntime(cfg, at=2, train=trainer.train_data, parts=trainer.parts, device=trainer.device)
     with caplog.at_level(logging.WARNING, logger="mona_sfl.server"):

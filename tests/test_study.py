@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 REQUIRED = [
     "method", "cut", "seed", "knn_top1", "linear_top1", "mia_mse", "mia_psnr", "mia_ssim",
@@ -42,7 +43,7 @@ def rows_of(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 def test_quick_study_then_resume(study, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from mona_sfl.comms import comm_costs
-    from mona_sfl.config import load_config
+    from mona_sfl.config import load_config, schema_config
 
     out = tmp_path / "study"
     assert study.main(ARGS + ["--out", str(out)]) == 0
@@ -65,6 +66,14 @@ def test_quick_study_then_resume(study, tmp_path: Path, capsys: pytest.CaptureFi
         assert (out / r["run_dir"] / "attack.json").is_file() and (out / r["run_dir"] / "misalignment.csv").is_file()
     by = {(r["method"], r["cut"]): r for r in rows}
     assert int(by["MonAcoSFL", "8"]["bytes_per_sync"]) > int(by["MocoSFL", "8"]["bytes_per_sync"])
+    # the study ends with its results table: one line per (method, cut), n seeds, the mean (one seed: no std)
+    table = text.split("results over seeds (sample std; n = seeds):\n", 1)[1].splitlines()
+    assert table[0].split()[:3] == ["method", "cut", "n"] and "kNN top-1 % (mean ± std)" in table[0]
+    assert [line.split()[:3] for line in table[2:6]] == [["MonAcoSFL", "1", "1"], ["MonAcoSFL", "8", "1"], ["MocoSFL", "1", "1"], ["MocoSFL", "8", "1"]]
+    for line in table[2:6]:
+        cells = line.split()
+        assert cells[3] == f"{float(by[cells[0], cells[1]]['knn_top1']):.2f}"
+        assert cells[-1] == f"{int(by[cells[0], cells[1]]['bytes_total']) / 1e6:.1f}"
     assert by["MonAcoSFL", "8"]["bytes_per_step"] == by["MocoSFL", "8"]["bytes_per_step"]
 
     import matplotlib.image as mpimg
@@ -74,6 +83,9 @@ def test_quick_study_then_resume(study, tmp_path: Path, capsys: pytest.CaptureFi
         assert p.is_file() and p.stat().st_size > 0 and f"wrote plot: {p}" in text
         img = mpimg.imread(p)
         assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+        assert p.with_suffix(".pdf").read_bytes().startswith(b"%PDF-")
+        with Image.open(p) as im:
+            assert im.info["dpi"] == pytest.approx((200, 200), abs=0.01)
 
     # re-run: every row is skipped, nothing retrained, the CSV is unchanged
     before = csv_path.read_text()
@@ -101,7 +113,7 @@ def test_quick_study_then_resume(study, tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_regime_preset_writes_curves_and_plots(tmp_path: Path, study) -> None:
     """`--regime` runs the reference regime's federation and schedule (tiny with --quick), curves and plots, no attack."""
-    from mona_sfl.config import load_config
+    from mona_sfl.config import load_config, schema_config
     from mona_sfl.studies.regimes import REGIMES, regime_overrides
 
     out = tmp_path / "regime"
@@ -126,9 +138,9 @@ def test_regime_preset_writes_curves_and_plots(tmp_path: Path, study) -> None:
     assert not (out / "plots" / "attack_vs_cut.png").exists()
     # the presets themselves
     assert set(REGIMES) == {"batch20", "batch2", "clients20", "clients200"}
-    c200 = load_config(None, regime_overrides("clients200", steps=10))
+    c200 = schema_config(regime_overrides("clients200", steps=10))
     assert (c200.fed.num_clients, c200.train.batch_size, c200.clients_per_epoch, c200.fed.sync_every) == (200, 1, 100, 50)
-    c20 = load_config(None, regime_overrides("clients20", width=0.25))
+    c20 = schema_config(regime_overrides("clients20", width=0.25))
     assert (c20.clients_per_epoch, c20.fed.sync_every, c20.model.width, c20.train.max_steps) == (5, 12, 0.25, 1000)
     assert study.main(["--regime", "batch21", "--out", str(tmp_path / "x")]) == 2  # a typo is a clear error
 
@@ -160,3 +172,39 @@ def test_two_studies_share_one_folder(tmp_path: Path, study, monkeypatch: pytest
     # a run that the other study has recorded is skipped, not trained again
     monkeypatch.setattr(split_depth, "run_one", lambda *a, **kw: pytest.fail("trained a run that is in the CSV"))
     assert study.main([*argv, "--methods", "mona"]) == 0
+
+
+def test_study_plot_labels_units_and_markers(tmp_path: Path) -> None:
+    """Legends name the sample std and n, bytes show as MB, each seed has its marker, one colour per method."""
+    from matplotlib.figure import Figure
+
+    from mona_sfl.plots import SEED_MARKERS
+    from mona_sfl.studies import split_depth
+
+    rows = [{"method": m, "cut": str(c), "seed": str(s), "knn_top1": str(10 + c + s), "bytes_total": str(10**6 * (9 - c)),
+             "mia_ssim": str(0.8 - c / 10 + s / 100), "mia_mse": "0.05", "mia_psnr": "13"}
+            for m in ("MonAcoSFL", "MocoSFL") for c in (1, 4) for s in ((0, 1) if c == 1 else (0,))]
+    assert split_depth._seeds_label(rows, "MonAcoSFL") == " (mean ± sample std, n=1-2)"
+    assert split_depth._seeds_label([r for r in rows if r["cut"] == "4"], "MocoSFL") == " (n=1)"
+    fig = Figure()
+    ax = fig.subplots()
+    split_depth._lines(ax, rows, "knn_top1", ["MonAcoSFL", "MocoSFL"])
+    _, texts = ax.get_legend_handles_labels()
+    assert texts == ["MonAcoSFL (mean ± sample std, n=1-2)", "MocoSFL (mean ± sample std, n=1-2)"]
+    lines = ax.get_lines()
+    assert lines[0].get_color() != lines[-1].get_color()
+    assert list(lines[0].get_ydata()) == [11.5, 14.0]  # the mean over seeds 0 and 1 at cut 1
+    for r in rows:
+        (tmp_path / r["method"] / r["seed"] / r["cut"]).mkdir(parents=True)
+        r["run_dir"] = f"{r['method']}/{r['seed']}/{r['cut']}"
+        split_depth.write_rows(tmp_path / r["run_dir"] / "misalignment.csv", [{"step": t, "ol_ml": 1e-4 * t} for t in (10, 20)])
+    paths = split_depth.plot_all(tmp_path, rows)
+    assert [p.name for p in paths] == [
+        "accuracy_vs_cut.png", "attack_vs_cut.png", "bytes_vs_cut.png", "tradeoff.png", "misalignment.png",  # no kNN curves: no curves_cut*
+    ]
+    for p in paths:
+        with Image.open(p) as im:
+            assert im.info["dpi"] == pytest.approx((200, 200), abs=0.01)
+        assert p.with_suffix(".pdf").is_file()
+    assert split_depth.MISALIGNMENT.startswith("online vs momentum front") and "|" not in split_depth.MISALIGNMENT
+    assert SEED_MARKERS[0] != SEED_MARKERS[1]

@@ -14,7 +14,7 @@ from torch import nn
 from conftest import tiny_overrides
 from mona_sfl import build
 from mona_sfl.cli import main
-from mona_sfl.config import ConfigError, load_config
+from mona_sfl.config import ConfigError, schema_config
 from mona_sfl.engine import Trainer
 from mona_sfl.eval.transfer import Backbone, SingularValues, adapt, fit, labelled_subset, make_svf, new_head
 
@@ -28,7 +28,7 @@ def _one_thread(one_thread: None) -> None:
 
 @pytest.fixture(scope="module")
 def data():
-    cfg = load_config(None, TINY)
+    cfg = schema_config(TINY)
     train = build.load_data(cfg, "train")
     return cfg, train.subset(labelled_subset(train.labels, per_class=4)), build.load_data(cfg, "test")
 
@@ -129,7 +129,7 @@ def test_labelled_subset_is_stratified_and_seeded() -> None:
 
 def test_cli_transfer_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
-    Trainer(load_config(None, TINY + ["train.epochs=1"]), run, progress=False).run()
+    Trainer(schema_config(TINY + ["train.epochs=1"]), run, progress=False).run()
     code = main(["transfer", str(run), "--labels-per-class", "3", "--epochs", "1", "--shares", "0.1,0.4", "--batch-size", "16"])
     assert code == 0
     out = capsys.readouterr().out

@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
         prog="mona-sfl",
         description="Split federated self-supervised learning (MonAcoSFL / MocoSFL).",
         epilog=f"bundled configs (--config NAME): {', '.join(bundled_names())}. "
-        "Config keys: 'mona-sfl config keys' (also the README's 'Keys' section); "
+        "Config keys: 'mona-sfl config keys' (also the README's 'Key reference'); "
         "the resolved config: 'mona-sfl config show [--config X] [--set k=v ...]'. "
         "Help on one command: mona-sfl COMMAND --help.",
     )

@@ -40,7 +40,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "flwr-run",
         help="`flwr run` of this app on Flower's local simulation SuperLink (no activation, no env build, log streamed)",
-        description="Run the Flower app with `flwr run` on the local simulation SuperLink; see README 'Flower runtime'.",
+        description="Run the Flower app with `flwr run` on the local simulation SuperLink; see docs/runtimes.md, 'Flower runtime'.",
     )
     add_settings(p)
     p.add_argument("--out", required=True, help="run folder")

@@ -8,7 +8,7 @@ mean/std to normalise with. Augmentation then runs on batches of these tensors
 Sources (``DATASETS``):
 
 - ``synthetic``: :func:`mona_sfl.data.synthetic.make_synthetic`. ``train`` has
-  ``synthetic_size`` images, ``test`` has ``synthetic_size // 5``; the two splits use
+  ``synthetic_size`` images, ``test`` has ``synthetic_test_size`` (0: ``synthetic_size // 5``); the two splits use
   different seeds derived from ``seed`` (``SeedSequence([seed, 0 or 1])``), so they are
   independent draws. No files, no ``root``.
 - ``cifar10``, ``cifar100``, ``svhn``, ``stl10``: ``torchvision.datasets`` with
@@ -58,6 +58,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 #: Threads decoding image files (file reads overlap; decoding itself mostly holds the GIL).
 DECODE_THREADS = 2
+#: A decoding thread reports its progress every this many images.
+PROGRESS_CHUNK = 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,14 +74,17 @@ def load_dataset(
     download: bool = False,
     seed: int = 0,
     synthetic_size: int = 5000,
+    synthetic_test_size: int = 0,
     num_classes: int = 10,
     image_size: int = 32,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    progress: bool = False,
 ) -> ImageData:
     """Load split ``split`` ('train' or 'test') of dataset ``name`` (one of ``DATASETS``).
 
     ``seed``, ``synthetic_size`` and ``num_classes`` only matter for ``synthetic``;
-    ``root``/``download`` only for the file-backed sources. See the module docstring.
+    ``root``/``download`` only for the file-backed sources; ``progress`` shows the decoding of
+    an image folder. See the module docstring.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; set data.name to one of {', '.join(DATASETS)}")
@@ -90,11 +95,15 @@ def load_dataset(
 
     return DATASETS.get(name)(
         name, split, root=root, download=bool(download), seed=int(seed), synthetic_size=synthetic_size,
+        synthetic_test_size=synthetic_test_size,
         num_classes=num_classes, image_size=int(image_size), max_image_pixels=int(max_image_pixels),
+        progress=bool(progress),
     )
 
 
-def load_synthetic(name: str, split: str, *, seed: int, synthetic_size: int, num_classes: int, image_size: int, **_: Any) -> ImageData:
+def load_synthetic(
+    name: str, split: str, *, seed: int, synthetic_size: int, num_classes: int, image_size: int, synthetic_test_size: int = 0, **_: Any
+) -> ImageData:
     """``synthetic``: the built-in shape set, train and test from independent seeds."""
     from mona_sfl.data.synthetic import make_synthetic
 
@@ -104,7 +113,12 @@ def load_synthetic(name: str, split: str, *, seed: int, synthetic_size: int, num
             f"got {synthetic_size!r}"
         )
     split_seed = int(np.random.SeedSequence([int(seed), SPLITS.index(split)]).generate_state(1)[0])
-    n = int(synthetic_size) if split == "train" else int(synthetic_size) // 5
+    if not isinstance(synthetic_test_size, (int, np.integer)) or synthetic_test_size < 0:
+        raise DataError(f"data.synthetic_test_size must be an integer >= 0 (0 = synthetic_size // 5), got {synthetic_test_size!r}")
+    if split == "train":
+        n = int(synthetic_size)
+    else:
+        n = int(synthetic_test_size) or int(synthetic_size) // 5
     return make_synthetic(n, seed=split_seed, num_classes=num_classes, image_size=int(image_size))
 
 
@@ -115,10 +129,11 @@ def _files_root(name: str, root: str | None) -> Path:
 
 
 def load_imagefolder(
-    name: str, split: str, *, root: str | None, image_size: int, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, **_: Any
+    name: str, split: str, *, root: str | None, image_size: int, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    progress: bool = False, **_: Any,
 ) -> ImageData:
     """``imagefolder``: class folders of image files (see the module docstring)."""
-    return _load_imagefolder(_files_root(name, root), split, int(image_size), int(max_image_pixels))
+    return _load_imagefolder(_files_root(name, root), split, int(image_size), int(max_image_pixels), progress=progress)
 
 
 def load_torchvision(name: str, split: str, *, root: str | None, download: bool, image_size: int, **_: Any) -> ImageData:
@@ -361,10 +376,15 @@ def _check_pixels(path: Path, data: bytes, max_pixels: int) -> None:
         )
 
 
-def _load_imagefolder(root: Path, split: str, image_size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageData:
-    """Decode every image of the split once, straight into one tensor, on a small thread pool."""
+def _load_imagefolder(
+    root: Path, split: str, image_size: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *, progress: bool = False
+) -> ImageData:
+    """Decode every image of the split once, straight into one tensor, on a small thread pool
+    (``progress``: a bar or periodic lines counting the decoded images)."""
     from PIL import Image
     from torchvision.io import ImageReadMode, decode_image
+
+    from mona_sfl.progress import Meter
 
     # PIL's own bomb check (it raises at twice its limit) must not be below ours
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
@@ -398,10 +418,14 @@ def _load_imagefolder(root: Path, split: str, image_size: int, max_pixels: int =
             if img.shape[-2:] != images.shape[-2:]:
                 img = _resize_square(img.unsqueeze(0), image_size)[0]
             images[k] = img
+            if (k // workers + 1) % PROGRESS_CHUNK == 0:
+                meter.advance(PROGRESS_CHUNK)
 
     workers = max(1, min(DECODE_THREADS, os.cpu_count() or 1, len(files)))
-    with ThreadPoolExecutor(workers) as ex:
-        list(ex.map(work, [range(i, len(files), workers) for i in range(workers)]))  # list(): re-raise errors
+    with Meter(len(files), f"decoding {split} images", unit="images", enabled=progress) as meter:
+        with ThreadPoolExecutor(workers) as ex:
+            list(ex.map(work, [range(i, len(files), workers) for i in range(workers)]))  # list(): re-raise errors
+        meter.update(len(files))
     mean, std = channel_stats(images)
     return ImageData(images, torch.tensor(labels, dtype=torch.int64), classes, mean, std)
 

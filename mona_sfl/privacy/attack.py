@@ -43,7 +43,6 @@ import hashlib
 import io
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -335,16 +334,18 @@ def attack_front(
     decoder_width: int = 64,
     decoder_blocks: int = 4,
     grid_images: int = 16,
-    log_every: int = 0,
+    progress: bool = False,
 ) -> AttackResult:
     """Train a decoder on auxiliary (activation, image) pairs and reconstruct held-out images.
 
     ``front`` is not modified (a copy is put in eval mode on ``device``). ``train`` supplies
     the auxiliary set and the normalisation constants the client uses; ``test`` the held-out
     images (see :func:`aux_indices`). Deterministic for a given ``seed`` on the CPU.
-    ``log_every > 0`` prints the training loss every that many epochs to stderr.
+    ``progress`` shows the decoder epochs and their training MSE (:class:`mona_sfl.progress.Meter`).
     """
     import copy
+
+    from mona_sfl.progress import Meter
 
     check_attack_options(decoder_width=decoder_width, seed=seed)
     if epochs < 1:
@@ -381,6 +382,7 @@ def attack_front(
     n = len(aux)
     last = float("nan")
     dec.train()
+    meter = Meter(epochs, "attack: decoder", unit="epochs", enabled=progress)
     for ep in range(epochs):
         perm = torch.randperm(n, generator=gen)
         total, count = 0.0, 0
@@ -395,8 +397,8 @@ def attack_front(
             total += float(loss.detach()) * idx.numel()
             count += idx.numel()
         last = total / max(count, 1)
-        if log_every and (ep + 1) % log_every == 0:
-            print(f"attack epoch {ep + 1}/{epochs}: train MSE {last:.5f}", file=sys.stderr, flush=True)
+        meter.update(ep + 1, train_mse=f"{last:.5f}")
+    meter.close()
 
     dec.eval()
     with torch.no_grad():
@@ -455,7 +457,8 @@ def _config_meta(cfg: Config) -> dict[str, Any]:
 
 
 def _attack_cfg(
-    cfg: Config, state: dict[str, Tensor] | None, out_json: Path, out_png: Path, device: Any, meta: dict[str, Any], **kw: Any
+    cfg: Config, state: dict[str, Tensor] | None, out_json: Path, out_png: Path, device: Any, meta: dict[str, Any],
+    progress: bool = False, **kw: Any,
 ) -> AttackResult:
     from mona_sfl import build
 
@@ -465,20 +468,23 @@ def _attack_cfg(
             front.load_state_dict(state)
         except RuntimeError as e:
             raise CheckpointError(f"the checkpoint's client front does not fit the config's model: {str(e).splitlines()[0]}") from None
-    train = build.load_data(cfg, "train")
-    test = build.load_data(cfg, "test")
-    res = attack_front(front, train, test, device=_resolve_device(device), grid_path=out_png, **kw)
-    res.meta = {**_config_meta(cfg), **meta}
+    device = cfg.device if device is None else device  # None: the config's device key (auto: CUDA when present)
+    train = build.load_data(cfg, "train", progress=progress)
+    test = build.load_data(cfg, "test", progress=progress)
+    dev = _resolve_device(device)
+    res = attack_front(front, train, test, device=dev, grid_path=out_png, progress=progress, **kw)
+    res.meta = {**_config_meta(cfg), **meta, "device": dev.type}
     atomic_write_text(out_json, json.dumps(res.to_dict(), indent=2) + "\n")
     return res
 
 
-def attack_run(run_dir: str | Path, *, untrained: bool = False, device: Any = "cpu", **kw: Any) -> AttackResult:
+def attack_run(run_dir: str | Path, *, untrained: bool = False, device: Any = None, **kw: Any) -> AttackResult:
     """Attack the front of a run folder: ``config.toml`` + the checkpoint's ``global_online``.
 
     ``untrained=True`` attacks the run's initial front instead (the baseline; no checkpoint
     needed). Writes ``attack.json`` + ``attack.png`` (``attack_untrained.*`` for the baseline)
-    into the run folder. ``kw`` goes to :func:`attack_front`.
+    into the run folder. ``device`` None is the run config's ``device`` (auto: CUDA when present);
+    ``progress`` shows decoding and decoder training; ``kw`` goes to :func:`attack_front`.
     """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -494,7 +500,7 @@ def attack_run(run_dir: str | Path, *, untrained: bool = False, device: Any = "c
     return _attack_cfg(cfg, state, run_dir / names[0], run_dir / names[1], device, meta, **kw)
 
 
-def attack_config(cfg: Config, out_dir: str | Path, *, device: Any = "cpu", **kw: Any) -> AttackResult:
+def attack_config(cfg: Config, out_dir: str | Path, *, device: Any = None, **kw: Any) -> AttackResult:
     """Attack the untrained front of ``cfg`` (no run folder); writes ``attack.json``/``attack.png`` into ``out_dir``."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

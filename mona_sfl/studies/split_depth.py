@@ -45,6 +45,7 @@ from typing import Any
 from mona_sfl.checkpoint import CONFIG, SUMMARY, CheckpointError, atomic_write_text, lock_run_dir, read_metrics
 from mona_sfl.config import Config, ConfigError, load_config, resolve_config_path, to_flat
 from mona_sfl.models import NUM_CUTS
+from mona_sfl.plots import MISALIGNMENT, human_bytes
 
 log = logging.getLogger("mona_sfl.study")
 
@@ -296,7 +297,7 @@ def write_curves(out: Path, rows: list[dict[str, Any]]) -> Path:
     return out / "curves.csv"
 
 
-def attack_cached(run_dir: Path, attack_kw: dict[str, Any], step: int, device: str, seed: int) -> dict[str, Any]:
+def attack_cached(run_dir: Path, attack_kw: dict[str, Any], step: int, device: str, seed: int, progress: bool = False) -> dict[str, Any]:
     from mona_sfl.privacy.attack import ATTACK_JSON, attack_run
 
     p = run_dir / ATTACK_JSON
@@ -305,10 +306,10 @@ def attack_cached(run_dir: Path, attack_kw: dict[str, Any], step: int, device: s
         same = all(old.get(k) == v for k, v in attack_kw.items()) and old.get("seed") == seed
         if same and old.get("meta", {}).get("checkpoint_step") == step:
             return old
-    return attack_run(run_dir, device=device, seed=seed, **attack_kw).to_dict()
+    return attack_run(run_dir, device=device, seed=seed, progress=progress, **attack_kw).to_dict()
 
 
-def baseline_cached(cfg: Config, out_dir: Path, attack_kw: dict[str, Any], device: str, seed: int) -> dict[str, Any]:
+def baseline_cached(cfg: Config, out_dir: Path, attack_kw: dict[str, Any], device: str, seed: int, progress: bool = False) -> dict[str, Any]:
     from mona_sfl.privacy.attack import ATTACK_JSON, attack_config
 
     p = out_dir / ATTACK_JSON
@@ -316,7 +317,7 @@ def baseline_cached(cfg: Config, out_dir: Path, attack_kw: dict[str, Any], devic
         old = json.loads(p.read_text(encoding="utf-8"))
         if all(old.get(k) == v for k, v in attack_kw.items()) and old.get("seed") == seed:
             return old
-    return attack_config(cfg, out_dir, device=device, seed=seed, **attack_kw).to_dict()
+    return attack_config(cfg, out_dir, device=device, seed=seed, progress=progress, **attack_kw).to_dict()
 
 
 def run_one(
@@ -331,8 +332,8 @@ def run_one(
         t0 = time.perf_counter()
         summary = train_run(cfg, run_dir, progress=progress, report=report)
         t1 = time.perf_counter()
-        attack_device = "cuda" if cfg.device == "cuda" else ("cpu" if cfg.device == "cpu" else "auto")
-        mia = attack_cached(run_dir, attack_kw, int(summary["steps"]), attack_device, seed) if attack_kw else {}
+        attack_device = cfg.device  # the attack runs where training ran
+        mia = attack_cached(run_dir, attack_kw, int(summary["steps"]), attack_device, seed, progress) if attack_kw else {}
         t_attack = time.perf_counter() - t1
         traj = misalignment(run_dir)
         knn_curve(run_dir)
@@ -381,7 +382,7 @@ def run_one(
         "run_dir": str(run_dir.relative_to(out)),
     }
     if baseline and attack_kw:
-        b = baseline_cached(cfg, out / "baseline" / f"cut{cut}-seed{seed}", attack_kw, attack_device, seed)
+        b = baseline_cached(cfg, out / "baseline" / f"cut{cut}-seed{seed}", attack_kw, attack_device, seed, progress)
         row.update({"mia_untrained_mse": b["mse"], "mia_untrained_psnr": b["psnr"], "mia_untrained_ssim": b["ssim"]})
     row["_elapsed"] = time.perf_counter() - t0
     return row
@@ -406,15 +407,16 @@ def _agg(rows: list[dict[str, Any]], method: str, key: str) -> tuple[list[int], 
             v = _num(r.get(key))
             if not math.isnan(v):
                 by.setdefault(int(r["cut"]), []).append(v)
+    from mona_sfl.runs import mean_std
+
     cuts = sorted(by)
-    means = [sum(by[c]) / len(by[c]) for c in cuts]
-    # sample std (n - 1) over seeds; 0 for a single seed
-    stds = [math.sqrt(sum((x - m) ** 2 for x in by[c]) / (len(by[c]) - 1)) if len(by[c]) > 1 else 0.0 for c, m in zip(cuts, means)]
-    return cuts, means, stds
+    stats = [mean_std(by[c]) for c in cuts]
+    # sample std (n - 1) over seeds; no bar (0) for a single seed
+    return cuts, [m for m, _, _ in stats], [sd if n > 1 else 0.0 for _, sd, n in stats]
 
 
 def _seeds_label(rows: list[dict[str, Any]], method: str) -> str:
-    """`` (n=2)`` or `` (n=1-3)``: seeds per cut behind a method's points."""
+    """`` (n=2)`` or `` (n=1-3)``: seeds per cut behind a method's points; bars, where drawn, are the sample std."""
     per_cut: dict[int, set[int]] = {}
     for r in rows:
         if r["method"] == method:
@@ -422,22 +424,25 @@ def _seeds_label(rows: list[dict[str, Any]], method: str) -> str:
     ns = sorted({len(v) for v in per_cut.values()})
     if not ns:
         return ""
-    return f" (n={ns[0]})" if len(ns) == 1 else f" (n={ns[0]}-{ns[-1]})"
+    n = f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}-{ns[-1]}"
+    return f" (mean ± sample std, {n})" if ns[-1] > 1 else f" ({n})"
 
 
 COLOURS = {"MonAcoSFL": "tab:blue", "MocoSFL": "tab:red"}
 MARKERS = {"MonAcoSFL": "o", "MocoSFL": "s"}
 
 
+#: Methods sit this far apart (in cuts) around each cut, so that equal values stay visible.
+DODGE = 0.06
+
+
 def _lines(ax, rows, key, methods, label_suffix="", **kw) -> None:  # noqa: ANN001
-    for m in methods:
+    for i, m in enumerate(methods):
         cuts, mean, std = _agg(rows, m, key)
         if cuts:
-            ax.errorbar(cuts, mean, yerr=std if any(std) else None, label=f"{m}{label_suffix}{_seeds_label(rows, m)}",
+            shift = (i - (len(methods) - 1) / 2) * DODGE
+            ax.errorbar([c + shift for c in cuts], mean, yerr=std if any(std) else None, label=f"{m}{label_suffix}{_seeds_label(rows, m)}",
                         color=COLOURS[m], marker=MARKERS[m], capsize=3, **kw)
-
-
-SEED_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 
 def plot_curves(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
@@ -447,17 +452,20 @@ def plot_curves(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mona_sfl.plots import save_figure
+    from matplotlib.ticker import MaxNLocator
+
+    from mona_sfl.plots import SEED_MARKERS, save_figure
 
     pdir = out / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
     paths = []
+    seeds = sorted({int(r["seed"]) for r in rows})
     for c in sorted({int(r["cut"]) for r in rows}):
         fig, axs = plt.subplots(1, 2, figsize=(12, 4.2))
         drawn = False
         for r in sorted((r for r in rows if int(r["cut"]) == c), key=lambda r: (r["method"], int(r["seed"]))):
             run_dir = out / str(r["run_dir"])
-            marker = SEED_MARKERS[int(r["seed"]) % len(SEED_MARKERS)]
+            marker = SEED_MARKERS[seeds.index(int(r["seed"])) % len(SEED_MARKERS)]
             label = f"{r['method']}, seed {r['seed']}"
             knn = read_rows(run_dir / "knn_curve.csv")
             if knn:
@@ -472,10 +480,11 @@ def plot_curves(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
             plt.close(fig)
             continue
         axs[0].set_ylabel("kNN top-1 (%)")
-        axs[1].set_ylabel("misalignment ol_ml (mean sq. diff.)")
+        axs[1].set_ylabel(MISALIGNMENT)
         axs[1].set_yscale("log")
         for ax in axs:
             ax.set_xlabel("training step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         fig.suptitle(f"Learning curves at cut {c}")
@@ -492,11 +501,14 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mona_sfl.plots import save_figure
+    from matplotlib.ticker import MaxNLocator
+
+    from mona_sfl.plots import SEED_MARKERS, bytes_axis, save_figure, spread_labels
 
     pdir = out / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    seeds = sorted({int(r["seed"]) for r in rows})
     cuts_all = sorted({int(r["cut"]) for r in rows})
     paths = []
 
@@ -552,7 +564,8 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
         if cuts:
             ax.plot(cuts, mean, color=COLOURS[m], linestyle=":", label=f"{m} front syncs")
     ax.set_yscale("log")
-    ax.set_ylabel("bytes per run (all clients, float32)")
+    bytes_axis(ax.yaxis)
+    ax.set_ylabel("traffic per run (all clients, float32)")
     fig.suptitle("Communication vs cut layer")
     finish(fig, [ax], "bytes_vs_cut.png")
 
@@ -560,39 +573,44 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     if not attacked:
         return paths + plot_curves(out, rows)
     acc_key = "linear_top1" if any(not math.isnan(_num(r.get("linear_top1"))) for r in rows) else "knn_top1"
-    fig, axs = plt.subplots(1, 2, figsize=(12, 4.5))
-    totals = [_num(r["bytes_total"]) for r in rows]
-    lo, hi = math.log10(min(totals)), math.log10(max(totals))
+    fig, axs = plt.subplots(1, 2, figsize=(12, 4.8))
     norm = plt.Normalize(vmin=min(_num(r["mia_ssim"]) for r in rows), vmax=max(_num(r["mia_ssim"]) for r in rows) + 1e-12)
     sc = None
+    labels: list[list[Any]] = [[], []]
     for m in methods:
         for key in sorted({int(r["cut"]) for r in rows if r["method"] == m}):
             rs = [r for r in rows if r["method"] == m and int(r["cut"]) == key]
             acc = sum(_num(r.get(acc_key)) for r in rs) / len(rs)
             ssim = sum(_num(r["mia_ssim"]) for r in rs) / len(rs)
             tot = sum(_num(r["bytes_total"]) for r in rs) / len(rs)
-            size = 40 + 260 * ((math.log10(tot) - lo) / (hi - lo) if hi > lo else 0.5)
-            axs[0].scatter(ssim, acc, s=size, color=COLOURS[m], marker=MARKERS[m], alpha=0.7, edgecolors="k")
-            axs[0].annotate(str(key), (ssim, acc), fontsize=8, ha="center", va="center")
-            sc = axs[1].scatter(tot, acc, c=[ssim], cmap="viridis", norm=norm, s=80, marker=MARKERS[m], edgecolors=COLOURS[m], linewidths=1.5)
-            axs[1].annotate(str(key), (tot, acc), fontsize=8, xytext=(5, 5), textcoords="offset points")
+            axs[0].scatter(ssim, acc, s=60, color=COLOURS[m], marker=MARKERS[m], alpha=0.8, edgecolors="k")
+            labels[0].append(axs[0].annotate(f"cut {key}", (ssim, acc), fontsize=8, xytext=(6, 4), textcoords="offset points",
+                                                 color=COLOURS[m]))
+            sc = axs[1].scatter(tot, acc, c=[ssim], cmap="viridis", norm=norm, s=70, marker=MARKERS[m], edgecolors=COLOURS[m], linewidths=1.5)
+            labels[1].append(axs[1].annotate(f"cut {key}", (tot, acc), fontsize=8, xytext=(6, 4), textcoords="offset points",
+                                                 color=COLOURS[m]))
+    n_label = {m: _seeds_label(rows, m).replace(" (mean ± sample std, ", " (mean of ") for m in methods}
     for m in methods:
-        axs[0].scatter([], [], color=COLOURS[m], marker=MARKERS[m], label=m)
-        axs[1].scatter([], [], facecolors="none", edgecolors=COLOURS[m], marker=MARKERS[m], label=m)
+        axs[0].scatter([], [], color=COLOURS[m], marker=MARKERS[m], edgecolors="k", label=f"{m}{n_label[m]}")
+        axs[1].scatter([], [], facecolors="none", edgecolors=COLOURS[m], marker=MARKERS[m], label=f"{m}{n_label[m]}")
     axs[0].set_xlabel("attack SSIM (lower = more private)")
     axs[0].set_ylabel(f"{acc_key.replace('_top1', '')} top-1 (%)")
-    axs[0].set_title("accuracy vs privacy (marker size ~ log total bytes, label = cut)", fontsize=9)
+    axs[0].set_title("accuracy vs privacy (label colour = method)", fontsize=10)
     axs[1].set_xscale("log")
-    axs[1].set_xlabel("total bytes per run")
+    bytes_axis(axs[1].xaxis)
+    axs[1].set_xlabel("traffic per run (all clients)")
     axs[1].set_ylabel(f"{acc_key.replace('_top1', '')} top-1 (%)")
-    axs[1].set_title("accuracy vs communication (colour = attack SSIM, label = cut)", fontsize=9)
+    axs[1].set_title("accuracy vs communication (colour = attack SSIM)", fontsize=10)
     if sc is not None:
         fig.colorbar(sc, ax=axs[1], label="attack SSIM")
     for ax in axs:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        ax.margins(0.12)
     fig.suptitle("Accuracy - privacy - communication trade-off")
     fig.tight_layout()
+    for ax, texts in zip(axs, labels):
+        spread_labels(ax, texts)
     save_figure(fig, pdir / "tradeoff.png")
     plt.close(fig)
     paths.append(pdir / "tradeoff.png")
@@ -612,11 +630,14 @@ def plot_all(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
                 continue
             steps = [int(t["step"]) for t in traj]
             vals = [max(_num(t["ol_ml"]), 1e-30) for t in traj]
-            ax.plot(steps, vals, color=COLOURS[r["method"]], marker=".", alpha=0.8, label=f"{r['method']} seed {r['seed']}")
+            ax.plot(steps, vals, color=COLOURS[r["method"]], marker=SEED_MARKERS[seeds.index(int(r["seed"])) % len(SEED_MARKERS)],
+                    markersize=4, alpha=0.8, label=f"{r['method']}, seed {r['seed']}")
         ax.set_yscale("log")
         ax.set_title(f"cut {c}", fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel("ol_ml = |online - momentum|^2 / numel")
+        ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if i % ncols == 0:
+            ax.set_ylabel(MISALIGNMENT)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -719,7 +740,7 @@ def run_study(
         mia = f", attack SSIM {row['mia_ssim']:.3f} MSE {row['mia_mse']:.4f}" if row.get("mia_ssim") is not None else ""
         report(
             f"{tag}: kNN {row['knn_top1']:.2f}%" + (f", linear {lin:.2f}%" if lin is not None else "")
-            + f"{mia}, {row['bytes_total'] / 2**20:.1f} MiB total, {elapsed:.1f} s"
+            + f"{mia}, {human_bytes(row['bytes_total'])} total, {elapsed:.1f} s"
         )
     with _study_lock(out):
         rows: list[dict[str, Any]] = read_rows(csv_path)
@@ -727,9 +748,29 @@ def run_study(
             write_rows(csv_path, rows)
         write_curves(out, rows)
     report(f"wrote CSV: {csv_path} ({len(rows)} rows) and {out / 'curves.csv'} in {time.perf_counter() - t_start:.1f} s")
-    if plots:
-        sel = [r for r in rows if row_key(r)[0] in methods]
-        if sel:
-            for p in plot_all(out, sel):
-                report(f"wrote plot: {p}")
+    sel = [r for r in rows if row_key(r)[0] in methods]
+    if plots and sel:
+        for p in plot_all(out, sel):
+            report(f"wrote plot: {p}")
+    if sel:
+        report("results over seeds (sample std; n = seeds):\n" + results_table(sel).rstrip("\n"))
     return rows
+
+
+#: Columns of the study's results table (``OUT/split_depth.csv`` keys; bytes shown in MB).
+RESULT_COLUMNS = [
+    ("knn_top1", "kNN top-1 %", ".2f", 1.0),
+    ("linear_top1", "linear top-1 %", ".2f", 1.0),
+    ("mia_ssim", "attack SSIM", ".3f", 1.0),
+    ("mia_psnr", "attack PSNR dB", ".2f", 1.0),
+    ("ol_ml_mean", "ol_ml", ".3g", 1.0),
+    ("bytes_total", "MB per run", ".1f", 1e-6),
+]
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """One line per (method, cut): n seeds, and the mean ± sample std over them of accuracy, attack and bytes."""
+    from mona_sfl.runs import grouped_table
+
+    ordered = sorted(rows, key=lambda r: (list(METHODS).index(r["method"]) if r["method"] in METHODS else len(METHODS), int(r["cut"]), int(r["seed"])))
+    return grouped_table(ordered, ["method", "cut"], RESULT_COLUMNS)
