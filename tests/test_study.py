@@ -208,3 +208,27 @@ def test_study_plot_labels_units_and_markers(tmp_path: Path) -> None:
         assert p.with_suffix(".pdf").is_file()
     assert split_depth.MISALIGNMENT.startswith("online vs momentum front") and "|" not in split_depth.MISALIGNMENT
     assert SEED_MARKERS[0] != SEED_MARKERS[1]
+
+
+def test_curves_show_knn_misalignment_and_momentum_spread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-cut learning-curve figure has three panels: kNN, ol_ml and ml_mg over steps, both methods."""
+    from mona_sfl import plots
+    from mona_sfl.studies import split_depth
+
+    figs = []
+    real = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: (figs.append(fig), real(fig, path))[1])
+    rows = []
+    for m, scale in (("MonAcoSFL", 1e-9), ("MocoSFL", 1e-7)):
+        run = tmp_path / m
+        run.mkdir()
+        split_depth.write_rows(run / "knn_curve.csv", [{"step": 0, "knn_top1": 12.5}, {"step": 10, "knn_top1": 20.0}])
+        split_depth.write_rows(run / "misalignment.csv", [{"step": t, "ol_ml": 1e-6 * t, "ol_og": 0.0, "ml_mg": scale * t} for t in (5, 10)])
+        rows.append({"method": m, "cut": "7", "seed": "0", "run_dir": m})
+    assert [p.name for p in split_depth.plot_curves(tmp_path, rows)] == ["curves_cut7.png"]
+    axs = figs[0].axes
+    assert [len(ax.get_lines()) for ax in axs] == [2, 2, 2]
+    assert "momentum fronts vs their mean" in axs[2].get_ylabel()
+    spread = {ln.get_label(): list(ln.get_ydata()) for ln in axs[2].get_lines()}
+    assert spread == {"MonAcoSFL, seed 0": [5e-9, 1e-8], "MocoSFL, seed 0": [5e-7, 1e-6]}
+    assert (tmp_path / "plots" / "curves_cut7.pdf").is_file()

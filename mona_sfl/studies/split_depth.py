@@ -446,7 +446,7 @@ def _lines(ax, rows, key, methods, label_suffix="", **kw) -> None:  # noqa: ANN0
 
 
 def plot_curves(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
-    """One figure per cut: kNN top-1 and online/momentum misalignment over steps, both methods."""
+    """One figure per cut: kNN top-1, online/momentum misalignment and the clients' momentum spread over steps, both methods."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -461,7 +461,7 @@ def plot_curves(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     paths = []
     seeds = sorted({int(r["seed"]) for r in rows})
     for c in sorted({int(r["cut"]) for r in rows}):
-        fig, axs = plt.subplots(1, 2, figsize=(12, 4.2))
+        fig, axs = plt.subplots(1, 3, figsize=(17, 4.2))
         drawn = False
         for r in sorted((r for r in rows if int(r["cut"]) == c), key=lambda r: (r["method"], int(r["seed"]))):
             run_dir = out / str(r["run_dir"])
@@ -474,14 +474,17 @@ def plot_curves(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
                 drawn = True
             traj = read_rows(run_dir / "misalignment.csv")
             if traj:
-                axs[1].plot([int(t["step"]) for t in traj], [max(_num(t["ol_ml"]), 1e-30) for t in traj], color=COLOURS[r["method"]],
+                for ax, key in ((axs[1], "ol_ml"), (axs[2], "ml_mg")):
+                    ax.plot([int(t["step"]) for t in traj], [max(_num(t.get(key)), 1e-30) for t in traj], color=COLOURS[r["method"]],
                             marker=marker, markersize=3, alpha=0.85, label=label)
         if not drawn:
             plt.close(fig)
             continue
         axs[0].set_ylabel("kNN top-1 (%)")
         axs[1].set_ylabel(MISALIGNMENT)
-        axs[1].set_yscale("log")
+        axs[2].set_ylabel("clients' momentum fronts vs their mean:\nmean squared difference")
+        for ax in axs[1:]:
+            ax.set_yscale("log")
         for ax in axs:
             ax.set_xlabel("training step")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
