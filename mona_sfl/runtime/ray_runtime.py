@@ -43,6 +43,7 @@ Exactness
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
@@ -167,6 +168,9 @@ def decode(op: str, obj: Any) -> Any:
 # --------------------------------------------------------------------------- the actor
 
 
+_MAX_SPANS = 10_000  # step spans an actor keeps for the benchmark's overlap figure
+
+
 class HostActor:
     """A Ray actor holding a :class:`ClientHost` (any number of clients)."""
 
@@ -179,7 +183,8 @@ class HostActor:
         """(Re)build the host from the config (at creation, or when a warm actor is reused); then hello."""
         self.host = None
         self._busy = [0.0, 0.0, 0]
-        self._spans: list[tuple[float, float]] = []
+        # the latest step spans only: an actor's memory stays flat however long the run
+        self._spans: collections.deque[tuple[float, float]] = collections.deque(maxlen=_MAX_SPANS)
         cfg = from_flat(flat_cfg)
         set_threads(cfg.train.client_threads)
         self.host = build_host(cfg, list(ids), device=torch.device(device))
