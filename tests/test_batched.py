@@ -179,6 +179,84 @@ def test_float32_one_step() -> None:
     assert worst["a_q"] <= 2e-6 and max(worst.values()) <= 1e-4, worst  # measured: 4e-7, 4e-5
 
 
+def test_batched_host_augments_every_client_at_once_with_the_same_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With real client streams a batching host draws all its clients' views in one batched
+    augmentation, and they are bitwise the views the per-client loop draws, for the forward
+    and for a rebuilt host's recomputation; the draw counters advance the same way."""
+    import mona_sfl.core.batched as batched_mod
+    import mona_sfl.core.client as client_mod
+    from mona_sfl.data import make_synthetic
+    from mona_sfl.data.stream import ClientStream
+    from mona_sfl.data.views import TwoViews
+
+    data = make_synthetic(40, seed=0, image_size=16)
+    fed: dict[str, list] = {"off": [], "on": []}
+    side = ["off"]
+    per_client_fwd, batched_fwd = client_mod.ClientWorker.forward, batched_mod.BatchedClients.forward
+    per_client_bwd, batched_bwd = client_mod.ClientWorker.backward, batched_mod.BatchedClients.backward
+
+    def rec_fwd(self, x1, x2):
+        fed[side[0]].append(("fwd", self.client_id, x1, x2))
+        return per_client_fwd(self, x1, x2)
+
+    def rec_bfwd(self, workers, views):
+        fed[side[0]].extend(("fwd", w.client_id, x1, x2) for w, (x1, x2) in zip(workers, views))
+        return batched_fwd(self, workers, views)
+
+    def rec_bwd(self, g, recompute=None):
+        if recompute is not None:
+            fed[side[0]].append(("re", self.client_id, *recompute))
+        return per_client_bwd(self, g, recompute=recompute)
+
+    def rec_bbwd(self, workers, grads, recompute):
+        fed[side[0]].extend(("re", cid, x1, x2) for cid, (x1, x2) in sorted(recompute.items()))
+        return batched_bwd(self, workers, grads, recompute)
+
+    monkeypatch.setattr(client_mod.ClientWorker, "forward", rec_fwd)
+    monkeypatch.setattr(batched_mod.BatchedClients, "forward", rec_bfwd)
+    monkeypatch.setattr(client_mod.ClientWorker, "backward", rec_bwd)
+    monkeypatch.setattr(batched_mod.BatchedClients, "backward", rec_bbwd)
+    aug = []
+    many = TwoViews.augment_many
+    monkeypatch.setattr(TwoViews, "augment_many", lambda self, imgs, seeds, copies=2: aug.append(len(imgs)) or many(self, imgs, seeds, copies))
+
+    torch.manual_seed(0)
+    front, net = build_split("resnet18", 2, width=0.125, norm="batch", proj_hidden=16, proj_dim=8)
+    views = TwoViews(data.mean, data.std, size=16)
+    pool = [0, 1, 2, 3]
+    for b in ("off", "on"):
+        side[0] = b
+        streams = {c: ClientStream(data, list(range(c * 10, c * 10 + 10)), 3, seed=1, client_id=c, views=views) for c in pool}
+        host = ClientHost(copy.deepcopy(front), ClientHParams(lr=0.1, m=0.9, symmetric="client", batching=b), streams)
+        srv = Server(copy.deepcopy(net), K=16, dim=8, T=0.1, m=0.99, lr=0.1, symmetric="client", queue_seed=0)
+        host.begin_epoch(0, pool)
+        grads: dict = {}
+        for step in range(5):  # 10 images at batch 3: draw 3 holds one image
+            if step >= 3:  # a host rebuilt per message (Flower) recomputes the forward from the views
+                fresh = ClientHost(host.template, host.hp, host.streams)
+                fresh.load_state_dict(copy.deepcopy(host.state_dict()))
+                host = fresh
+            acts = host.step(grads, pool)
+            grads = srv.step([acts[c] for c in pool]).grads
+        fed[b].append(("draws", tuple(int(s.draws) for s in streams.values()), None, None))
+        if b == "on":
+            assert aug and set(aug) == {len(pool)}, aug  # every pass augments all clients at once
+            aug_on = len(aug)
+        aug.clear()
+    assert aug_on == 5 + 2  # five forwards, two recomputations
+    key = lambda r: (r[0], r[1]) if r[0] != "draws" else (r[0], -1)  # noqa: E731
+    assert len(fed["off"]) == len(fed["on"]) == 5 * 4 + 2 * 4 + 1
+    for a, b in zip(sorted(fed["off"], key=key), sorted(fed["on"], key=key)):
+        assert a[:2] == b[:2]
+    off_by, on_by = {}, {}
+    for recs, by in ((fed["off"], off_by), (fed["on"], on_by)):
+        for r in recs:
+            by.setdefault((r[0], r[1]), []).append(r[2:])
+    for k in off_by:
+        for x, y in zip(off_by[k], on_by[k]):
+            assert all(u is None and v is None or torch.equal(u, v) for u, v in zip(x, y)), k
+
+
 def test_gradients_in_two_calls_and_a_dropped_client() -> None:
     """The batched graph serves gradients that arrive in separate calls; a dropped client's
     graph is forgotten and it is not stepped."""

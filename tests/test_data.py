@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from mona_sfl.data import DATASETS, DataError, ImageData, load_dataset, make_synthetic
 from mona_sfl.data.datasets import STATS, channel_stats
-from mona_sfl.data.stream import ClientStream
+from mona_sfl.data.stream import ClientStream, batches
 from mona_sfl.data.synthetic import SHAPES
 from mona_sfl.data.views import TwoViews, normalize
 
@@ -413,6 +413,30 @@ def test_view_parameter_distribution() -> None:
         TwoViews(MEAN, (1.0, 0.0, 1.0))
 
 
+def test_augment_many_equals_one_call_per_batch(small: ImageData) -> None:
+    """Augmenting many batches in one pass gives each batch exactly (bitwise) its own views,
+    whatever the batch sizes, the number of copies and the options."""
+    for tv in (TwoViews(small.mean, small.std), TwoViews(MEAN, STD, blur=False, crop_scale=(0.3, 0.9), size=24)):
+        sizes = [1, 3, 1, 2, 5, 1, 1, 4] * 4  # 32 batches: every op meets rows of many batches
+        starts = np.cumsum([0, *sizes])
+        imgs = [small.images[starts[k] % 60 : starts[k] % 60 + n] for k, n in enumerate(sizes)]
+        seeds = [7919 * k + 3 for k in range(len(sizes))]
+        for copies in (1, 2, 3):
+            many = tv.augment_many(imgs, seeds, copies=copies)
+            assert len(many) == len(imgs)
+            for x, sd, got in zip(imgs, seeds, many):
+                assert torch.equal(got, tv.augment(x, sd, copies=copies))
+        pair = tv.augment_many(imgs[:3], seeds[:3])[1]
+        assert all(torch.equal(u, v) for u, v in zip((pair[:3], pair[3:]), tv(imgs[1], seeds[1])))
+    assert TwoViews(MEAN, STD).augment_many([], []) == []
+    with pytest.raises(DataError, match="2 image batches but 1 seeds"):
+        TwoViews(MEAN, STD).augment_many([small.images[:1], small.images[1:2]], [0])
+    with pytest.raises(DataError, match="one size"):
+        TwoViews(MEAN, STD).augment_many([small.images[:1], small.images[:1, :, :16, :16]], [0, 1])
+    with pytest.raises(DataError, match="uint8"):
+        TwoViews(MEAN, STD).augment_many([small.images[:1].float()], [0])
+
+
 # --------------------------------------------------------------------------------------------
 # client streams
 
@@ -459,6 +483,39 @@ def test_stream_pure_and_resumable(small: ImageData) -> None:
         c.load_state_dict({"draws": -1})
 
 
+def test_batches_equal_per_stream_batches(small: ImageData) -> None:
+    """``batches`` returns each stream's ``batch(d)`` bitwise, augmenting the streams that share
+    one TwoViews together, and leaves every stream's draw counter alone."""
+    shared = TwoViews(MEAN, STD)
+    streams: list[object] = [
+        ClientStream(small, np.arange(c * 10, c * 10 + 7), 3, seed=5, client_id=c, views=shared) for c in range(5)
+    ]
+    streams.append(ClientStream(small, np.arange(50, 60), 2, seed=5, client_id=5, views=TwoViews(MEAN, STD, blur=False)))
+
+    class Plain:  # any object with batch(d), as the host's tests use
+        draws = 0
+
+        def batch(self, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.full((1, 3, 2, 2), float(d)), torch.zeros(1, 3, 2, 2)
+
+    streams.insert(2, Plain())
+    draws = [0, 2, 9, 1, 7, 4, 3]  # draw 2 of a 7-image stream at batch 3 holds 1 image
+    calls = []
+    orig = TwoViews.augment_many
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TwoViews, "augment_many", lambda self, imgs, seeds, copies=2: calls.append(len(imgs)) or orig(self, imgs, seeds, copies))
+        got = batches(streams, draws)
+    assert sorted(calls) == [1, 5]  # one pass for the five streams sharing a TwoViews, one for the other
+    for s, d, (x1, x2) in zip(streams, draws, got):
+        e1, e2 = s.batch(d)  # type: ignore[attr-defined]
+        assert torch.equal(x1, e1) and torch.equal(x2, e2)
+        assert s.draws == 0  # type: ignore[attr-defined]
+    assert got[1][0].shape[0] == 1 and got[0][0].shape[0] == 3
+    assert batches([], []) == []
+    with pytest.raises(DataError, match="2 streams but 1 draw"):
+        batches(streams[:2], [0])
+
+
 def test_stream_errors(small: ImageData) -> None:
     with pytest.raises(DataError, match="batch_size"):
         _stream(small, np.arange(4), bs=0)
@@ -468,3 +525,4 @@ def test_stream_errors(small: ImageData) -> None:
         _stream(small, np.array([], dtype=np.int64))
     with pytest.raises(DataError, match="draw index"):
         _stream(small, np.arange(4)).batch(-1)
+

@@ -27,6 +27,7 @@ from torch import nn
 from mona_sfl.core.batched import CLIENT_BATCHING, BatchedClients
 from mona_sfl.core.client import Activations, ClientHParams, ClientWorker
 from mona_sfl.core.sync import GlobalFronts, StateDict
+from mona_sfl.data.stream import batches
 
 
 @dataclass
@@ -153,25 +154,35 @@ class ClientHost:
     def _batched_step(self, batched: BatchedClients, grads: dict[int, torch.Tensor], forward: list[int]) -> dict[int, Activations]:
         """:meth:`step` as one batched pass (``train.client_batching = "on"``)."""
         ids = list(grads)
-        recompute = {cid: self._views(cid) for cid in ids if cid not in batched.graphs}
+        lost = [cid for cid in ids if cid not in batched.graphs]
+        recompute = dict(zip(lost, self._draw_views(lost, self._pending_draws(lost))))
         batched.backward([self.live[cid] for cid in ids], [grads[cid].to(self.device) for cid in ids], recompute)
         for cid in ids:
             self.pending.pop(cid, None)
-        views = []
-        for cid in forward:
-            stream = self.streams[cid]
-            self.pending[cid] = int(stream.draws)  # type: ignore[attr-defined]
-            x1, x2 = stream.next()  # type: ignore[attr-defined]
-            views.append((x1.to(self.device, non_blocking=True), x2.to(self.device, non_blocking=True)))
+        draws = [int(self.streams[cid].draws) for cid in forward]  # type: ignore[attr-defined]
+        views = self._draw_views(forward, draws)
+        for cid, d in zip(forward, draws):
+            self.pending[cid] = d
+            self.streams[cid].draws = d + 1  # type: ignore[attr-defined]
         acts = batched.forward([self.live[cid] for cid in forward], views)
         return dict(zip(forward, acts))
 
+    def _draw_views(self, ids: list[int], draws: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Draw ``draws[k]`` of client ``ids[k]``'s stream for every k, augmented in one batched
+        pass (:func:`mona_sfl.data.stream.batches`), on this host's device."""
+        views = batches([self.streams[cid] for cid in ids], draws)
+        return [(x1.to(self.device, non_blocking=True), x2.to(self.device, non_blocking=True)) for x1, x2 in views]
+
     def _views(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views of the client's last forward, regenerated from its stream."""
-        if cid not in self.pending:
-            raise RuntimeError(f"client {cid}: gradient for a step whose forward this host has no record of")
-        x1, x2 = self.streams[cid].batch(self.pending[cid])  # type: ignore[attr-defined]
-        return x1.to(self.device), x2.to(self.device)
+        return self._draw_views([cid], self._pending_draws([cid]))[0]
+
+    def _pending_draws(self, ids: list[int]) -> list[int]:
+        """The draw index of each client's last forward (for regenerating its views)."""
+        for cid in ids:
+            if cid not in self.pending:
+                raise RuntimeError(f"client {cid}: gradient for a step whose forward this host has no record of")
+        return [self.pending[cid] for cid in ids]
 
     def forward(self, ids: list[int]) -> dict[int, Activations]:
         return self.step({}, ids)

@@ -17,6 +17,7 @@ draw counter.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -82,14 +83,17 @@ class ClientStream:
 
     def batch(self, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views of draw ``d`` (does not change ``draws``)."""
-        idx = self.batch_indices(d)
-        return self.views(self.data.images[torch.from_numpy(idx)], self.aug_seed(d))
+        return self.views(self.images(d), self.aug_seed(d))
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``batch(draws)``, then advance ``draws``."""
         out = self.batch(self.draws)
         self.draws += 1
         return out
+
+    def images(self, d: int) -> torch.Tensor:
+        """The uint8 images of draw ``d``, before augmentation."""
+        return self.data.images[torch.from_numpy(self.batch_indices(d))]
 
     def state_dict(self) -> dict[str, int]:
         """Everything needed to resume: the draw counter plus identity fields for checking."""
@@ -112,3 +116,26 @@ class ClientStream:
                     f"{key}={self.state_dict()[key]}; resume with the same data, partition and batch size"
                 )
         self.draws = int(s["draws"])
+
+
+def batches(streams: Sequence[object], draws: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[s.batch(d) for s, d in zip(streams, draws)]``, the same tensors, with the augmentation
+    of all :class:`ClientStream` s that share one :class:`TwoViews` and image size run as one
+    batched computation (:meth:`TwoViews.augment_many`): many clients with small batches pay
+    for one large augmentation instead of many small ones. Other stream objects are asked
+    for ``batch(d)`` one by one. Does not change any stream's ``draws``."""
+    if len(streams) != len(draws):
+        raise DataError(f"batches: {len(streams)} streams but {len(draws)} draw indices")
+    out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(streams)  # type: ignore[list-item]
+    groups: dict[tuple[int, tuple[int, ...]], list[tuple[int, ClientStream]]] = {}
+    for k, s in enumerate(streams):
+        if isinstance(s, ClientStream):
+            groups.setdefault((id(s.views), tuple(s.data.images.shape[-2:])), []).append((k, s))
+        else:
+            out[k] = s.batch(draws[k])  # type: ignore[attr-defined]
+    for group in groups.values():
+        imgs = [s.images(draws[k]) for k, s in group]
+        views = group[0][1].views.augment_many(imgs, [s.aug_seed(draws[k]) for k, s in group])
+        for (k, _), x, v in zip(group, imgs, views):
+            out[k] = (v[: x.shape[0]], v[x.shape[0] :])
+    return out

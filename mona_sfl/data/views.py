@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,27 @@ class ViewParams:
     flip_on: torch.Tensor  # bool: horizontal flip
 
 
+class _Draws(NamedTuple):
+    """The raw uniform random numbers of ``m`` views, one row per view (see :func:`_draw`)."""
+
+    crop_u: torch.Tensor  # (m, tries, 4) float64
+    jitter_u: torch.Tensor
+    u: torch.Tensor  # (m, 4) jitter factors
+    order_u: torch.Tensor  # (m, 4) argsorted into the op order
+    gray_u: torch.Tensor
+    blur_u: torch.Tensor
+    sigma_u: torch.Tensor
+    flip_u: torch.Tensor
+
+
+def _draw(m: int, seed: int) -> _Draws:
+    """Every random number of ``m`` views, drawn up front in a fixed order from ``seed`` alone,
+    whatever is switched on, so a view's randomness never depends on the configuration."""
+    g = torch.Generator().manual_seed(int(seed) % (1 << 64))
+    crop_u = torch.rand(m, _CROP_TRIES, 4, generator=g, dtype=torch.float64)
+    return _Draws(crop_u, *(torch.rand(m, *shape, generator=g) for shape in ((), (4,), (4,), (), (), (), ())))
+
+
 class TwoViews:
     """Two independent MoCo v2 views of a uint8 batch; see the module docstring for the recipe."""
 
@@ -156,26 +177,48 @@ class TwoViews:
 
     def sample_params(self, m: int, hgt: int, wid: int, seed: int) -> ViewParams:
         """Random parameters of ``m`` views of ``hgt x wid`` images, a pure function of ``seed``."""
-        g = torch.Generator().manual_seed(int(seed) % (1 << 64))
-        # Every random number is drawn up front, in a fixed order, whatever is switched on.
-        crop_u = torch.rand(m, _CROP_TRIES, 4, generator=g, dtype=torch.float64)
-        jitter_on = torch.rand(m, generator=g) < _P_JITTER
-        u = torch.rand(m, 4, generator=g)
-        order = torch.rand(m, 4, generator=g).argsort(dim=1)
-        gray_on = torch.rand(m, generator=g) < _P_GRAY
-        blur_on = (torch.rand(m, generator=g) < _P_BLUR) & torch.tensor(self.blur)
-        sigma = _BLUR_SIGMA[0] + (_BLUR_SIGMA[1] - _BLUR_SIGMA[0]) * torch.rand(m, generator=g)
-        flip_on = torch.rand(m, generator=g) < _P_FLIP
-        top, left, h, w = (t.long() for t in self._crop_params(crop_u, hgt, wid))
+        return self._derive(_draw(m, seed), hgt, wid)
+
+    def augment_many(self, images: Sequence[torch.Tensor], seeds: Sequence[int], copies: int = 2) -> list[torch.Tensor]:
+        """``[augment(x, s, copies) for x, s in zip(images, seeds)]`` as one batched computation.
+
+        Each batch draws its random numbers from its own seed exactly as :meth:`augment` does;
+        only the arithmetic runs once over all rows. Every step is row-wise, so each batch's
+        views are the same as from its own :meth:`augment` call (``tests/test_data.py`` checks
+        they are bitwise equal). All batches must have the same image size.
+        """
+        if len(images) != len(seeds):
+            raise DataError(f"augment_many: {len(images)} image batches but {len(seeds)} seeds")
+        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+            raise DataError(f"copies must be an integer >= 1, got {copies!r}")
+        if not images:
+            return []
+        for x in images:
+            _check_images(x)
+        hgt, wid = images[0].shape[-2:]
+        if any(x.shape[-2:] != (hgt, wid) for x in images):
+            raise DataError(f"augment_many: every batch must have images of one size, got {sorted({tuple(x.shape[-2:]) for x in images})}")
+        rows = [copies * x.shape[0] for x in images]
+        draws = [_draw(m, s) for m, s in zip(rows, seeds)]
+        params = self._derive(_Draws(*(torch.cat(t) for t in zip(*draws))), hgt, wid)
+        src = torch.cat([x.to(torch.float32).div_(255.0).repeat(copies, 1, 1, 1) for x in images])
+        return list(self.apply(src, params).split(rows))
+
+    def _derive(self, d: _Draws, hgt: int, wid: int) -> ViewParams:
+        """The parameters of the views whose random numbers are ``d`` (row-wise arithmetic only)."""
+        top, left, h, w = (t.long() for t in self._crop_params(d.crop_u, hgt, wid))
         return ViewParams(
             top=top, left=left, height=h, width=w,
-            jitter_on=jitter_on,
-            brightness=1.0 + _JITTER[0] * (2.0 * u[:, 0] - 1.0),
-            contrast=1.0 + _JITTER[1] * (2.0 * u[:, 1] - 1.0),
-            saturation=1.0 + _JITTER[2] * (2.0 * u[:, 2] - 1.0),
-            hue=_JITTER[3] * (2.0 * u[:, 3] - 1.0),
-            order=order,
-            gray_on=gray_on, blur_on=blur_on, sigma=sigma, flip_on=flip_on,
+            jitter_on=d.jitter_u < _P_JITTER,
+            brightness=1.0 + _JITTER[0] * (2.0 * d.u[:, 0] - 1.0),
+            contrast=1.0 + _JITTER[1] * (2.0 * d.u[:, 1] - 1.0),
+            saturation=1.0 + _JITTER[2] * (2.0 * d.u[:, 2] - 1.0),
+            hue=_JITTER[3] * (2.0 * d.u[:, 3] - 1.0),
+            order=d.order_u.argsort(dim=1),
+            gray_on=d.gray_u < _P_GRAY,
+            blur_on=(d.blur_u < _P_BLUR) & torch.tensor(self.blur),
+            sigma=_BLUR_SIGMA[0] + (_BLUR_SIGMA[1] - _BLUR_SIGMA[0]) * d.sigma_u,
+            flip_on=d.flip_u < _P_FLIP,
         )  # fmt: skip
 
     def apply(self, src: torch.Tensor, p: ViewParams) -> torch.Tensor:
