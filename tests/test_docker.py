@@ -15,7 +15,11 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import functools
 import importlib.resources
+import io
 import json
 import os
 import re
@@ -449,8 +453,8 @@ def test_compose_file_matches_the_compose_spec_schema(compose: Path) -> None:
 @pytest.mark.parametrize(
     ("files", "services"),
     [
-        ((FLOWER,), {"superlink", "supernode-0", "supernode-1"}),
-        ((FLOWER, FLOWER_TLS), {"superlink", "supernode-0", "supernode-1"}),
+        ((FLOWER,), {"superlink", "supernode-0", "supernode-1", "clientapp-0", "clientapp-1"}),
+        ((FLOWER, FLOWER_TLS), {"superlink", "supernode-0", "supernode-1", "clientapp-0", "clientapp-1"}),
         ((RAY,), {"ray-head", "ray-worker"}),
     ],
     ids=["flower", "flower+tls", "ray"],
@@ -504,52 +508,228 @@ def _flower_model(*files: Path) -> dict[str, Any]:
     return model
 
 
-def _supernodes(model: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {n: s for n, s in model["services"].items() if s.get("entrypoint") == ["flower-supernode"]}
+@functools.cache
+def _flower_federation(tls: bool) -> dict[str, Any]:
+    """The resolved compose.flower.yml (with compose.flower.tls.yml); copy it before changing it."""
+    return _flower_model(FLOWER, *([FLOWER_TLS] if tls else []))
 
 
 def _mounts(svc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {v["target"]: v for v in svc.get("volumes", [])}
 
 
-@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
-def test_flower_federation_mirrors_deploy_local(tls: bool) -> None:
-    """The SuperLink/SuperNode commands parse with Flower 1.42's own CLI parsers and use deploy-local's flags."""
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace | None, str]:
+    """``parser.parse_args(argv)`` without exiting: (the arguments, "") or (None, the parser's error)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parser.parse_args(argv), ""
+    except SystemExit:
+        lines = err.getvalue().strip().splitlines()
+        return None, lines[-1] if lines else "exit"
+
+
+def _module_entrypoint(module: Any) -> list[str]:
+    """How the compose services start a mona_sfl module: ``python -m MODULE`` (the image's venv python)."""
+    return ["python", "-m", module.__name__]
+
+
+def deploy_local_poll_env() -> dict[str, float]:
+    """The poll intervals `mona-sfl deploy-local` gives every process it starts, by default."""
+    from mona_sfl.runtime.flower.deploy import DEFAULT_SUPEREXEC_POLL_S, DEFAULT_SUPERNODE_POLL_S, SUPEREXEC_POLL_ENV, poll_env
+
+    return {SUPEREXEC_POLL_ENV: DEFAULT_SUPEREXEC_POLL_S, **{k: float(v) for k, v in poll_env(DEFAULT_SUPERNODE_POLL_S).items()}}
+
+
+def _poll_env_problems(name: str, svc: dict[str, Any]) -> list[str]:
+    from mona_sfl.runtime.flower import polling
+
+    expected = deploy_local_poll_env()
+    env = svc.get("environment") or {}
+    problems = []
+    for key, value in expected.items():
+        got = env.get(key)
+        try:
+            ok = got is not None and float(got) == value
+        except ValueError:
+            ok = False
+        if not ok:
+            problems.append(f"{name}: environment {key}={got!r}, deploy-local sets {value:g}")
+    ours = {polling.IDLE_ENV, polling.REPLY_ENV, polling.BACKOFF_ENV, polling.BACKOFF_CAP_ENV}
+    problems += [f"{name}: environment {k} is set; deploy-local leaves it unset" for k in sorted(ours & set(env) - set(expected))]
+    return problems
+
+
+def flower_problems(model: dict[str, Any], *, tls: bool) -> list[str]:
+    """How a resolved Flower compose model (``docker-compose config``) departs from `mona-sfl deploy-local`.
+
+    deploy-local's default ("persistent") mode: ``flower-superlink`` (subprocess isolation: the
+    ServerApp runs beside it); per node, ``python -m mona_sfl.runtime.flower.supernode`` in
+    ``--isolation process`` with its Runtime API on loopback, and one
+    ``python -m mona_sfl.runtime.flower.clientapp_worker`` on that Runtime API (plain HTTP); the
+    same poll environment in every process. Commands are parsed with Flower's and the worker's
+    own parsers.
+    """
     from flwr.common.config import parse_config_args
     from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
     from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
-    model = _flower_model(FLOWER, *([FLOWER_TLS] if tls else []))
-    link = model["services"]["superlink"]
-    assert link["entrypoint"] == ["flower-superlink"]
-    a = _parse_args_run_superlink().parse_args(link["command"])
-    assert (a.host, a.port, a.runtime_dependency_install, a.isolation) == ("0.0.0.0", 8000, False, "subprocess")
-    if tls:
-        assert not a.insecure and (a.ssl_ca_certfile, a.ssl_certfile, a.ssl_keyfile) == ("/certs/ca.crt", "/certs/server.pem", "/certs/server.key")
-    else:
-        assert a.insecure and a.ssl_certfile is None
-    mounts = _mounts(link)
-    assert mounts["/data"]["read_only"] and not mounts["/runs"].get("read_only")  # the ServerApp writes the run folder
-    assert link["healthcheck"]["test"][0] == "CMD"
-    assert all(p["host_ip"] for p in link.get("ports", []))
+    from mona_sfl.runtime.flower import clientapp_worker, supernode
 
-    nodes = _supernodes(model)
-    assert len(nodes) == 2
+    services = model.get("services") or {}
+    problems: list[str] = []
+
+    link = services.get("superlink")
+    if link is None:
+        problems.append("no superlink service")
+    else:
+        if link.get("entrypoint") != ["flower-superlink"]:
+            problems.append(f"superlink: entrypoint {link.get('entrypoint')}, not flower-superlink")
+        a, err = _parse(_parse_args_run_superlink(), list(link.get("command") or []))
+        if a is None:
+            problems.append(f"superlink: the command does not parse with flower-superlink's parser: {err}")
+        else:
+            if (a.host, a.port, a.runtime_dependency_install, a.isolation) != ("0.0.0.0", 8000, False, "subprocess"):
+                problems.append(f"superlink: host/port/dependency installation/isolation {(a.host, a.port, a.runtime_dependency_install, a.isolation)}")
+            want_sec = (False, "/certs/ca.crt", "/certs/server.pem", "/certs/server.key") if tls else (True, None, None, None)
+            if (a.insecure, a.ssl_ca_certfile, a.ssl_certfile, a.ssl_keyfile) != want_sec:
+                problems.append(f"superlink: security flags {(a.insecure, a.ssl_ca_certfile, a.ssl_certfile, a.ssl_keyfile)}, want {want_sec}")
+        mounts = _mounts(link)
+        if not mounts.get("/data", {}).get("read_only"):
+            problems.append("superlink: /data is not mounted read-only")
+        if "/runs" not in mounts or mounts["/runs"].get("read_only"):
+            problems.append("superlink: /runs is not mounted writable (the ServerApp writes the run folder)")
+        if (link.get("healthcheck") or {}).get("test", [None])[0] != "CMD":
+            problems.append("superlink: no CMD healthcheck")
+        if not all(p.get("host_ip") for p in link.get("ports", [])):
+            problems.append("superlink: a port binds every host address")
+        if tls and not (mounts.get("/certs", {}).get("read_only") and mounts["/certs"]["source"].endswith("/docker/certs")):
+            problems.append("superlink: /certs (docker/certs) is not mounted read-only")
+        problems += _poll_env_problems("superlink", link)
+
+    problems += [f"{n}: runs Flower's stock flower-supernode (a fresh flwr-clientapp per message, 3 s polls)"
+                 for n, s in services.items() if s.get("entrypoint") == ["flower-supernode"]]
+    nodes = {n: s for n, s in services.items() if s.get("entrypoint") == _module_entrypoint(supernode)}
+    if not nodes:
+        problems.append(f"no SuperNode service (entrypoint {_module_entrypoint(supernode)})")
+    runtime: dict[str, str] = {}  # node -> its Runtime API address
     ids = []
     for name, svc in nodes.items():
-        n = _parse_args_run_supernode().parse_args(svc["command"])
-        assert n.superlink == "superlink:8000" and n.isolation == "subprocess"
-        assert (n.insecure, n.root_certificates) == ((False, "/certs/ca.crt") if tls else (True, None)), name
-        node_config = parse_config_args([n.node_config])
-        assert node_config["num-partitions"] == len(nodes), name
-        ids.append(node_config["partition-id"])
-        assert svc["depends_on"]["superlink"]["condition"] == "service_healthy"
-        assert _mounts(svc)["/data"]["read_only"]
-        if tls:
-            assert _mounts(svc)["/certs"]["read_only"]
-    assert sorted(ids) == list(range(len(nodes)))
-    if tls:
-        assert _mounts(link)["/certs"]["read_only"] and _mounts(link)["/certs"]["source"].endswith("/docker/certs")
+        n, err = _parse(_parse_args_run_supernode(), list(svc.get("command") or []))
+        if n is None:
+            problems.append(f"{name}: the command does not parse with flower-supernode's parser: {err}")
+            continue
+        if n.superlink != "superlink:8000":
+            problems.append(f"{name}: --superlink {n.superlink}")
+        if n.isolation != "process":
+            problems.append(f"{name}: --isolation {n.isolation}, not process (its ClientApp worker runs it)")
+        if n.host != "127.0.0.1":
+            problems.append(f"{name}: Runtime API on {n.host}, not on loopback (127.0.0.1)")
+        runtime[name] = f"{n.host}:{n.port}"
+        if (n.insecure, n.root_certificates) != ((False, "/certs/ca.crt") if tls else (True, None)):
+            problems.append(f"{name}: security flags {(n.insecure, n.root_certificates)}")
+        node_config = parse_config_args([n.node_config]) if n.node_config else {}
+        if node_config.get("num-partitions") != len(nodes):
+            problems.append(f"{name}: num-partitions={node_config.get('num-partitions')}, {len(nodes)} SuperNodes")
+        ids.append(node_config.get("partition-id"))
+        if (svc.get("depends_on") or {}).get("superlink", {}).get("condition") != "service_healthy":
+            problems.append(f"{name}: does not wait for a healthy superlink")
+        if tls and not _mounts(svc).get("/certs", {}).get("read_only"):
+            problems.append(f"{name}: /certs is not mounted read-only")
+        problems += _poll_env_problems(name, svc)
+    if sorted(ids, key=str) != list(range(len(nodes))):
+        problems.append(f"partition ids {sorted(ids, key=str)}, not 0..{len(nodes) - 1}")
+
+    workers_of: dict[str, list[str]] = {name: [] for name in nodes}
+    for name, svc in services.items():
+        if svc.get("entrypoint") != _module_entrypoint(clientapp_worker):
+            continue
+        mode = str(svc.get("network_mode", ""))
+        node = mode.removeprefix("service:")
+        if not mode.startswith("service:") or node not in nodes:
+            problems.append(f"{name}: network_mode {mode!r}, not service:<a SuperNode> (the Runtime API stays on its loopback)")
+            continue
+        workers_of[node].append(name)
+        w, err = _parse(clientapp_worker.parser(), list(svc.get("command") or []))
+        if w is None:
+            problems.append(f"{name}: the command does not parse with the worker's parser: {err}")
+        else:
+            if node in runtime and w.runtime_api_address != runtime[node]:
+                problems.append(f"{name}: --runtime-api-address {w.runtime_api_address}, {node}'s Runtime API is {runtime[node]}")
+            if not w.insecure:
+                problems.append(f"{name}: not --insecure: {node}'s Runtime API is plain HTTP on loopback")
+        if not _mounts(svc).get("/data", {}).get("read_only"):
+            problems.append(f"{name}: /data is not mounted read-only (the ClientApp builds the node's data)")
+        if node not in (svc.get("depends_on") or {}):
+            problems.append(f"{name}: does not depend on {node}")
+        if svc.get("restart") != "unless-stopped":
+            problems.append(f"{name}: restart {svc.get('restart')!r}, not unless-stopped")
+        problems += _poll_env_problems(name, svc)
+    problems += [f"{node} has {len(ws)} ClientApp workers {ws}, not one" for node, ws in workers_of.items() if len(ws) != 1]
+    return problems
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
+def test_flower_federation_mirrors_deploy_local(tls: bool) -> None:
+    """SuperLink, SuperNodes and ClientApp workers as deploy-local runs them (commands parsed by their own parsers)."""
+    model = _flower_federation(tls)
+    assert flower_problems(model, tls=tls) == []
+    nodes = [n for n in model["services"] if n.startswith("supernode-")]
+    workers = {n: s["network_mode"] for n, s in model["services"].items() if n.startswith("clientapp-")}
+    assert len(nodes) == 2 and workers == {f"clientapp-{i}": f"service:supernode-{i}" for i in range(2)}
+
+
+def _set_option(cmd: list[str], flag: str, value: str | None) -> None:
+    """Set (or with None remove) ``flag VALUE`` in a command list."""
+    i = cmd.index(flag)
+    if value is None:
+        del cmd[i : i + 2]
+    else:
+        cmd[i + 1] = value
+
+
+BROKEN_FLOWER: dict[str, tuple[Any, str]] = {
+    "stock supernode": (lambda s: s["supernode-0"].update(entrypoint=["flower-supernode"]), "supernode-0: runs Flower's stock flower-supernode"),
+    "subprocess isolation": (lambda s: _set_option(s["supernode-0"]["command"], "--isolation", "subprocess"), "supernode-0: --isolation subprocess"),
+    "default isolation": (lambda s: _set_option(s["supernode-1"]["command"], "--isolation", None), "supernode-1: --isolation subprocess"),
+    "runtime api on every address": (lambda s: _set_option(s["supernode-1"]["command"], "--host", "0.0.0.0"), "supernode-1: Runtime API on 0.0.0.0"),
+    "unparsable supernode": (lambda s: s["supernode-0"]["command"].append("--bogus"), "supernode-0: the command does not parse"),
+    "duplicate partition": (lambda s: _set_option(s["supernode-1"]["command"], "--node-config", "partition-id=0 num-partitions=2"), "partition ids"),
+    "worker on another port": (lambda s: _set_option(s["clientapp-1"]["command"], "--runtime-api-address", "127.0.0.1:9095"),
+                               "clientapp-1: --runtime-api-address 127.0.0.1:9095, supernode-1's Runtime API is 127.0.0.1:9094"),
+    "worker over tls": (lambda s: s["clientapp-0"].update(command=["--runtime-api-address", "127.0.0.1:9094", "--root-certificates", "/certs/ca.crt"]),
+                        "clientapp-0: not --insecure"),
+    "unparsable worker": (lambda s: s["clientapp-0"].update(command=["--insecure"]), "clientapp-0: the command does not parse with the worker's parser"),
+    "worker on the wrong node": (lambda s: s["clientapp-0"].update(network_mode="service:supernode-1"), "supernode-0 has 0 ClientApp workers"),
+    "worker on its own network": (lambda s: s["clientapp-1"].pop("network_mode"), "clientapp-1: network_mode ''"),
+    "no worker": (lambda s: s.pop("clientapp-1"), "supernode-1 has 0 ClientApp workers"),
+    "writable data": (lambda s: s["clientapp-0"]["volumes"][0].update(read_only=False), "clientapp-0: /data is not mounted read-only"),
+    "no data": (lambda s: s["clientapp-1"].pop("volumes"), "clientapp-1: /data is not mounted read-only"),
+    "worker without its node": (lambda s: s["clientapp-1"].pop("depends_on"), "clientapp-1: does not depend on supernode-1"),
+    "worker not restarted": (lambda s: s["clientapp-0"].update(restart="no"), "clientapp-0: restart 'no'"),
+    "flower's idle poll": (lambda s: s["supernode-1"]["environment"].update(MONA_SFL_SUPERNODE_POLL_S="3"),
+                           "supernode-1: environment MONA_SFL_SUPERNODE_POLL_S='3', deploy-local sets"),
+    "no reply poll": (lambda s: s["supernode-0"]["environment"].pop("MONA_SFL_SUPERNODE_REPLY_POLL_S"), "supernode-0: environment MONA_SFL_SUPERNODE_REPLY_POLL_S=None"),
+    "slow superexec": (lambda s: s["superlink"].pop("environment"), "superlink: environment FLWR_SUPEREXEC_TASK_POLL_INTERVAL=None"),
+    "stock back-off": (lambda s: s["clientapp-1"]["environment"].update(MONA_SFL_PULL_BACKOFF_S="1"),
+                       "clientapp-1: environment MONA_SFL_PULL_BACKOFF_S is set"),
+    "not a number": (lambda s: s["clientapp-0"]["environment"].update(MONA_SFL_SUPERNODE_POLL_S="fast"), "clientapp-0: environment MONA_SFL_SUPERNODE_POLL_S='fast'"),
+    "no runs": (lambda s: s["superlink"].update(volumes=[v for v in s["superlink"]["volumes"] if v["target"] != "/runs"]),
+                "superlink: /runs is not mounted writable"),
+    "superlink not on 8000": (lambda s: _set_option(s["superlink"]["command"], "--port", "9000"), "superlink: host/port"),
+}
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["insecure", "tls"])
+@pytest.mark.parametrize("case", list(BROKEN_FLOWER))
+def test_flower_checks_catch_a_broken_federation(case: str, tls: bool) -> None:
+    import copy
+
+    model = copy.deepcopy(_flower_federation(tls))
+    breaks, expected = BROKEN_FLOWER[case]
+    breaks(model["services"])
+    problems = flower_problems(model, tls=tls)
+    assert any(expected in p for p in problems), problems
 
 
 def test_flower_submit_service() -> None:

@@ -196,6 +196,16 @@ def test_supernode_command_lines() -> None:
     assert _parse_args_run_supernode().parse_args(stock[1:]).isolation == "subprocess"
 
 
+def test_poll_env_of_the_deployed_processes() -> None:
+    """What deploy-local (and docker/compose.flower.yml) put in every process's environment."""
+    from mona_sfl.runtime.flower.deploy import DEFAULT_SUPERNODE_POLL_S, poll_env
+
+    assert poll_env() == poll_env(DEFAULT_SUPERNODE_POLL_S) == {polling.IDLE_ENV: "0.05", polling.REPLY_ENV: "0.01"}
+    assert poll_env(5.0) == {polling.IDLE_ENV: "5.0", polling.REPLY_ENV: "0.5"}  # the reply poll: at most 0.5 s
+    assert poll_env(0.002) == {polling.IDLE_ENV: "0.002", polling.REPLY_ENV: "0.001"}  # ... and at least 1 ms
+    assert poll_env(None) == {polling.BACKOFF_ENV: "1", polling.BACKOFF_CAP_ENV: "10"}  # Flower's own intervals
+
+
 # ----------------------------------------------------------------------------- deployed end to end
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory: pytest.TempPathFactory, one_thread) -> dict:

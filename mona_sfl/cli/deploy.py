@@ -15,7 +15,7 @@ from mona_sfl.errors import ConfigError
 
 def add_parser(sub: Any) -> None:
     from mona_sfl.cli import add_settings
-    from mona_sfl.runtime.flower.deploy import tls_help
+    from mona_sfl.runtime.flower.deploy import CLIENTAPP_MODES, DEFAULT_SUPERNODE_POLL_S, tls_help
 
     p = sub.add_parser(
         "deploy-local",
@@ -31,10 +31,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--keep", action="store_true", help="keep the work folder (FLWR_HOME, app, logs)")
     p.add_argument("--probe", type=float, default=0.0, metavar="MB", help="first round-trip MB megabytes through every node (large-message check)")
     p.add_argument("--tls", metavar="DIR", help="TLS instead of --insecure: DIR holds ca.crt, server.pem, server.key ('auto': make throw-away ones)")
-    p.add_argument("--clientapp", choices=["persistent", "per-message"], default="persistent",
+    p.add_argument("--clientapp", choices=CLIENTAPP_MODES, default=CLIENTAPP_MODES[0],
                    help="persistent (default): one ClientApp process per SuperNode that stays up; per-message: Flower's "
                         "default, a fresh flwr-clientapp process for every message (seconds each)")
-    p.add_argument("--supernode-poll", type=float, default=0.05, metavar="S",
+    p.add_argument("--supernode-poll", type=float, default=DEFAULT_SUPERNODE_POLL_S, metavar="S",
                    help="SuperNodes' idle poll interval in seconds (default %(default)s; 0 = Flower's own 3 s and 0.5 s)")
     p.add_argument("--auth", action="store_true", help="SuperNode authentication (needs --tls): register DIR/supernode-I.pub, start node I with DIR/supernode-I.key")
 

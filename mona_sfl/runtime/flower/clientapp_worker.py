@@ -158,7 +158,8 @@ class ClientAppWorker:
         self._client.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The worker's command line (docker/compose.flower.yml is checked against it)."""
     ap = argparse.ArgumentParser(prog="python -m mona_sfl.runtime.flower.clientapp_worker", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime-api-address", required=True, help="HOST:PORT of the SuperNode's Runtime API (its --port)")
@@ -166,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     sec.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API (loopback only)")
     sec.add_argument("--root-certificates", help="CA certificate (PEM) of the Runtime API's TLS certificate")
     ap.add_argument("--poll", type=float, default=0.02, help="seconds between looks for a pending task (default %(default)s)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     if not 0.001 <= args.poll <= 60:
         ap.error(f"--poll must be between 0.001 and 60 seconds, got {args.poll}")
@@ -194,4 +200,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["ClientAppWorker", "main"]
+__all__ = ["ClientAppWorker", "main", "parser"]

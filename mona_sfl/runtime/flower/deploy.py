@@ -42,6 +42,7 @@ from typing import Any
 
 from mona_sfl.config import Config, ConfigError
 from mona_sfl.runtime.flower.certs import CA_CERT, SERVER_CERT, SERVER_KEY, CertError, node_key_paths
+from mona_sfl.runtime.flower.polling import BACKOFF_CAP_ENV, BACKOFF_ENV, IDLE_ENV, REPLY_ENV
 from mona_sfl.runtime.flower.run_config import app_config_toml
 
 TAG = "MONA_SFL_DEPLOY_TAG"
@@ -52,6 +53,24 @@ CONNECTION = "deploy"
 CLIENTAPP_MODES = ("persistent", "per-message")
 #: The SuperNodes' idle poll interval (Flower's own: 3 s; see :mod:`mona_sfl.runtime.flower.polling`).
 DEFAULT_SUPERNODE_POLL_S = 0.05
+#: Flower's SuperExec (it starts the ServerApp and, in "per-message" mode, the ``flwr-clientapp``
+#: processes) looks for new tasks every second by default; every process here looks every 0.1 s
+#: unless the environment sets ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``.
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+DEFAULT_SUPEREXEC_POLL_S = 0.1
+
+
+def poll_env(supernode_poll_s: float | None = DEFAULT_SUPERNODE_POLL_S) -> dict[str, str]:
+    """The poll intervals :func:`deploy` puts in the environment of every process it starts.
+
+    Read by :mod:`mona_sfl.runtime.flower.polling` in the SuperNodes, the ClientApp workers and
+    the ServerApp: the SuperNodes' idle poll ``supernode_poll_s`` and their reply poll (a fifth
+    of it, at most 0.5 s); ``None``: Flower's own intervals and object-pull back-off (1 s
+    doubling to 10 s). docker/compose.flower.yml sets the values of the default.
+    """
+    if supernode_poll_s is None:
+        return {BACKOFF_ENV: "1", BACKOFF_CAP_ENV: "10"}
+    return {IDLE_ENV: str(supernode_poll_s), REPLY_ENV: str(min(0.5, max(0.001, supernode_poll_s / 5)))}
 
 
 def tls_help() -> str:
@@ -349,13 +368,10 @@ def deploy(
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         # SuperExec looks for new ServerApp/ClientApp tasks every second by default
-        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"),
+        SUPEREXEC_POLL_ENV: os.environ.get(SUPEREXEC_POLL_ENV, str(DEFAULT_SUPEREXEC_POLL_S)),
         "PYTHONUNBUFFERED": "1",
         # read by mona_sfl.runtime.flower.polling in every process (SuperNodes, ClientApp workers, ServerApp)
-        **({"MONA_SFL_PULL_BACKOFF_S": "1", "MONA_SFL_PULL_BACKOFF_CAP_S": "10"} if supernode_poll_s is None else {
-            "MONA_SFL_SUPERNODE_POLL_S": str(supernode_poll_s),
-            "MONA_SFL_SUPERNODE_REPLY_POLL_S": str(min(0.5, max(0.001, supernode_poll_s / 5))),
-        }),
+        **poll_env(supernode_poll_s),
         **(extra_env or {}),
         # Flower spawns flower-superexec, flwr-serverapp and flwr-clientapp by name
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
