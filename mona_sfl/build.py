@@ -47,7 +47,7 @@ def load_data(cfg: Config, split: str, *, progress: bool = False) -> ImageData:
         split,
         root=d.dir or None,
         download=d.download,
-        seed=cfg.seed,
+        seed=cfg.data_seed,
         synthetic_size=d.synthetic_size,
         synthetic_test_size=d.synthetic_test_size,
         num_classes=d.num_classes,
@@ -56,7 +56,7 @@ def load_data(cfg: Config, split: str, *, progress: bool = False) -> ImageData:
         progress=progress,
     )
     if split == "train" and d.proportion < 1.0:
-        rng = np.random.default_rng([cfg.seed, 0xDA7A])
+        rng = np.random.default_rng([cfg.data_seed, 0xDA7A])
         n = max(1, int(len(data) * d.proportion))
         data = data.subset(np.sort(rng.permutation(len(data))[:n]))
     return data

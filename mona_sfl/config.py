@@ -83,6 +83,7 @@ class DataConfig:
     noniid_ratio: float = key(0.2, "label shards: classes per client = ratio x classes")
     alpha: float = key(0.5, "Dirichlet concentration")
     proportion: float = key(1.0, "use this seeded fraction of the training set")
+    seed: int = key(-1, "the data's own seed: synthetic images, data.proportion and data.bank_size subsets (-1 = the run's seed)")
     synthetic_size: int = key(5000, "synthetic training images (test: size // 5, unless data.synthetic_test_size)")
     synthetic_test_size: int = key(0, "synthetic test images (0 = data.synthetic_size // 5)")
     num_classes: int = key(10, "synthetic classes")
@@ -175,7 +176,7 @@ class FlowerConfig:
 
 @dataclass(frozen=True)
 class Config:
-    seed: int = key(0, "everything (init, partition, sampling, augmentation) derives from it")
+    seed: int = key(0, "everything (init, partition, sampling, augmentation, and the data unless data.seed) derives from it")
     runtime: str = key("local", "where the clients run: in-process, Ray actors, Flower SuperNodes")
     device: str = key("auto", "compute device (auto: CUDA when present)")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -189,6 +190,11 @@ class Config:
     flower: FlowerConfig = field(default_factory=FlowerConfig)
 
     # Derived values are properties, never stored overwrites.
+    @property
+    def data_seed(self) -> int:
+        """Seed of the dataset itself: ``data.seed``, or the run's ``seed`` when that is -1."""
+        return self.seed if self.data.seed < 0 else self.data.seed
+
     @property
     def clients_per_epoch(self) -> int:
         return max(1, int(self.fed.sample_ratio * self.fed.num_clients))
@@ -626,6 +632,7 @@ def validate(cfg: Config) -> None:
     for name, choices in VOCABULARY.items():
         choices.check(flat[name])
     _check(0 <= cfg.seed < 2**63, f"seed must be in [0, 2^63), got {cfg.seed}")
+    _check(-1 <= cfg.data.seed < 2**63, f"data.seed must be -1 (the run's seed) or in [0, 2^63), got {cfg.data.seed}")
 
     m = cfg.model
     _check(1 <= m.cut <= NUM_CUTS, f"model.cut={m.cut} is out of range for {m.arch}: legal cut layers are 1..{NUM_CUTS} (1 = stem only, {NUM_CUTS} = whole backbone on the client)")

@@ -526,3 +526,28 @@ def test_stream_errors(small: ImageData) -> None:
     with pytest.raises(DataError, match="draw index"):
         _stream(small, np.arange(4)).batch(-1)
 
+
+
+def test_data_seed_fixes_the_data_across_run_seeds() -> None:
+    """``data.seed`` keeps the synthetic images, the data.proportion subset and the kNN bank
+    the same whatever the run's seed; -1 (the schema's default) lets them follow the seed."""
+    from mona_sfl import build
+    from mona_sfl.config import ConfigError, schema_config
+    from mona_sfl.eval.monitor import eval_sets
+
+    def data(*sets: str) -> tuple[ImageData, ImageData, ImageData]:
+        cfg = schema_config(["data.synthetic_size=60", "data.proportion=0.5", "data.bank_size=10", *sets])
+        train, test = build.load_data(cfg, "train"), build.load_data(cfg, "test")
+        return (train, test, eval_sets(cfg, train, test)[0])
+
+    def same(a: tuple, b: tuple) -> list[bool]:
+        return [torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels) for x, y in zip(a, b)]
+
+    fixed = [data(f"seed={s}", "data.seed=3") for s in (0, 1)]
+    assert same(*fixed) == [True, True, True]
+    assert same(fixed[0], data("seed=3")) == [True, True, True]  # data.seed=3 is the data of run seed 3
+    assert same(data("seed=0"), data("seed=1")) == [False, False, False]
+    assert same(data("seed=2"), data("seed=2", "data.seed=-1")) == [True, True, True]
+    assert schema_config([]).data.seed == -1
+    with pytest.raises(ConfigError, match=r"data.seed must be -1 \(the run's seed\) or in \[0, 2\^63\), got -2"):
+        schema_config(["data.seed=-2"])

@@ -29,7 +29,7 @@ def eval_sets(cfg: "Config", train: "ImageData", test: "ImageData") -> tuple["Im
     """The kNN bank (a seeded subset of the training images) and the evaluation test set."""
     bank = train
     if cfg.data.bank_size and cfg.data.bank_size < len(bank):
-        g = torch.Generator().manual_seed(cfg.seed + 7)
+        g = torch.Generator().manual_seed(cfg.data_seed + 7)
         bank = bank.subset(torch.randperm(len(bank), generator=g)[: cfg.data.bank_size].sort().values.numpy())
     if cfg.data.test_size and cfg.data.test_size < len(test):
         test = test.subset(stratified_subset(test.labels, cfg.data.test_size))
