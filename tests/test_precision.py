@@ -184,3 +184,17 @@ def test_flower_node_in_bf16_equals_local(runs: dict[str, Path], tmp_path: Path,
     a, b = load_checkpoint(runs["bf16"]), load_checkpoint(tmp_path)
     for key in ("global_online", "server", "clients"):
         assert_same(a[key], b[key], key)
+
+
+@pytest.mark.slow
+def test_ray_actors_in_bf16_equal_local(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Ray actors build their hosts from the run config: in bf16 they give the local run's numbers bit for bit."""
+    pytest.importorskip("ray")
+    from mona_sfl.config import replace
+
+    cfg = replace(schema_config(TINY + ["train.precision=bf16", "ray.num_actors=2"]), runtime="ray")
+    train(cfg, tmp_path)
+    assert losses(tmp_path) == losses(runs["bf16"])
+    a, b = load_checkpoint(runs["bf16"]), load_checkpoint(tmp_path)
+    for key in ("global_online", "server", "clients"):
+        assert_same(a[key], b[key], key)
