@@ -1,6 +1,6 @@
 """What simulating many small clients costs, per-client loop against one batched pass.
 
-    python bench/many_clients.py [--steps 3] [--warmup 1] [--repeats 1] [--quick]
+    python bench/many_clients.py [--steps 3] [--warmup 1] [--repeats 1] [--quick] [--set KEY=VALUE ...]
 
 All figures come from one invocation, one torch thread for clients and server, synthetic
 data, evaluation off, no sync inside the timed steps:
@@ -15,6 +15,8 @@ data, evaluation off, no sync inside the timed steps:
 With ``--repeats R`` the three runs of a setup alternate R times; every figure is the
 median over the repeats, with its range in brackets, and each ratio is taken within one
 repeat (a burst of other load then hits one repeat, not one setup).
+``--set`` overrides a key in every compared run (after the setup's own keys), e.g.
+``--set device=cuda --set train.precision=bf16`` (bench/gpu_check.sh).
 Each line also gives the client phase's time (forward + backward of the clients, incl.
 data augmentation). The machine load (``os.getloadavg()``) is printed before and after:
 on a shared machine every figure moves with it.
@@ -57,6 +59,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1, help="alternate the compared runs R times, report medians")
     ap.add_argument("--quick", action="store_true", help="only the 200-client setup")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key in every run")
     a = ap.parse_args()
     if a.steps < 1 or a.warmup < 0 or a.repeats < 1:
         ap.error("--steps and --repeats must be >= 1, --warmup >= 0")
@@ -73,6 +76,7 @@ def main() -> None:
         if n < 100:
             runs["per-client"].append(f"fed.num_clients={n}")
             runs["batched"].append(f"fed.num_clients={n}")
+        runs = {k: v + a.overrides for k, v in runs.items()}
         reps = []
         for _ in range(a.repeats):
             r = {k: measure(config, v, a.steps, a.warmup) for k, v in runs.items()}

@@ -118,6 +118,7 @@ def client_hparams(cfg: Config) -> ClientHParams:
         schedule=cfg.train.client_schedule,
         epochs=cfg.train.epochs,
         batching=cfg.train.client_batching,
+        precision=cfg.train.precision,
     )
 
 
@@ -175,6 +176,7 @@ def build_server(cfg: Config, device: torch.device) -> Server:
         device=device,
         queue_seed=cfg.seed,
         spec=activation_spec(cfg),
+        precision=cfg.train.precision,
     )
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mona_sfl.core import AGGREGATIONS, SYMMETRIC
+from mona_sfl.core import AGGREGATIONS, PRECISIONS, SYMMETRIC
 from mona_sfl.core.schedule import CLIENT_BATCHING, CLIENT_SCHEDULES
 from mona_sfl.data import DATASETS, MIN_SYNTHETIC_SIZE, PARTITIONS
 from mona_sfl.errors import ConfigError
@@ -39,7 +39,7 @@ WANDB_MODES = Choices("log.wandb_mode", ("offline", "online"))
 #: Every key with a fixed set of values, and where that set is defined.
 VOCABULARY: dict[str, Choices] = {
     c.key: c
-    for c in (WANDB_MODES, RUNTIMES, DEVICES, BACKBONES, NORMS, SYMMETRIC, DATASETS, PARTITIONS, AGGREGATIONS, CLIENT_SCHEDULES, CLIENT_BATCHING, KNN_FEATURES)
+    for c in (WANDB_MODES, RUNTIMES, DEVICES, BACKBONES, NORMS, SYMMETRIC, DATASETS, PARTITIONS, AGGREGATIONS, CLIENT_SCHEDULES, CLIENT_BATCHING, PRECISIONS, KNN_FEATURES)
 }
 
 
@@ -121,6 +121,7 @@ class TrainConfig:
     weight_decay: float = key(5e-4, "SGD weight decay")
     client_schedule: str = key("epoch", "client LR: cosine over epochs, or the reference's per-step periodic cosine")
     client_batching: str = key("off", "a host's clients one after another, or as one batched pass (docs/performance.md)")
+    precision: str = key("fp32", "the training forwards in float32, or under bfloat16 autocast with float32 weights and cut tensors (docs/performance.md)")
     checkpoint_every: int = key(0, "extra checkpoint every N steps (0 = off; always at step 0 and every epoch end)")
     checkpoint_minutes: float = key(0.0, "extra checkpoint when N minutes passed since the last (0 = off)")
     client_threads: int = key(1, "torch threads of client compute, in every runtime (0 = all CPUs)")

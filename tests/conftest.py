@@ -21,9 +21,16 @@ import torch
 
 from mona_sfl.checkpoint import read_metrics
 
+# The device of the tiny run and of the tests that compare split against unsplit gradients,
+# batched against per-client clients and runtimes against each other: cpu, or cuda with
+# MONA_SFL_TEST_DEVICE=cuda (bench/gpu_check.sh runs those tests on a GPU that way).
+TEST_DEVICE = os.environ.get("MONA_SFL_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"MONA_SFL_TEST_DEVICE={TEST_DEVICE!r}: use cpu or cuda")
+
 # The tiny run: seconds on one CPU thread. Modules change or drop entries with tiny_overrides.
 TINY: dict[str, str] = {
-    "device": "cpu",
+    "device": TEST_DEVICE,
     "model.width": "0.125",
     "model.cut": "2",
     "algo.K": "64",

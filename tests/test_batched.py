@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_same, crash_in_server_step, load_checkpoint, losses, tiny_overrides, train
+from conftest import TEST_DEVICE, assert_same, crash_in_server_step, load_checkpoint, losses, tiny_overrides, train
 from mona_sfl.config import schema_config
 from mona_sfl.core.batched import stack_front
 from mona_sfl.core.client import ClientHParams
@@ -64,8 +64,8 @@ def make(arch: str, cut: int, norm: str, symmetric: str, schedule: str, dtype: t
     for b in ("off", "on"):
         hp = ClientHParams(lr=0.1, m=0.9, symmetric=symmetric, schedule=schedule, epochs=3, batching=b)
         streams = {i: Stream(i, 1 if i == clients - 1 else 2, dtype) for i in range(clients)}
-        host = ClientHost(copy.deepcopy(front), hp, streams)
-        srv = Server(copy.deepcopy(net), K=16, dim=8, T=0.1, m=0.99, lr=0.1, symmetric=symmetric, queue_seed=0)
+        host = ClientHost(copy.deepcopy(front), hp, streams, device=torch.device(TEST_DEVICE))
+        srv = Server(copy.deepcopy(net), K=16, dim=8, T=0.1, m=0.99, lr=0.1, symmetric=symmetric, queue_seed=0, device=TEST_DEVICE)
         srv.queue.queue = srv.queue.queue.to(dtype)
         out[b] = (host, srv)
     return out

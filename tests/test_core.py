@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import TEST_DEVICE
 from mona_sfl.core.client import Activations, ClientHParams, ClientWorker
 from mona_sfl.core.host import ClientHost as ClientGroup
 from mona_sfl.core.schedule import sample_clients
@@ -123,9 +124,9 @@ def test_ema_m0_copies_m1_keeps_and_mixes() -> None:
 # ---------------------------------------------------------------- server routing
 
 
-def make_server(symmetric: str = "client", K: int = 16) -> Server:
+def make_server(symmetric: str = "client", K: int = 16, device: str = "cpu") -> Server:
     torch.manual_seed(0)
-    return Server(TinyServerNet(), K=K, dim=8, T=0.1, m=0.99, lr=0.1, symmetric=symmetric, queue_seed=0)
+    return Server(TinyServerNet(), K=K, dim=8, T=0.1, m=0.99, lr=0.1, symmetric=symmetric, queue_seed=0, device=device)
 
 
 def test_server_routes_gradients_by_client_id_with_unequal_batches() -> None:
@@ -170,12 +171,12 @@ def test_server_original_symmetric_two_terms() -> None:
 def test_split_step_matches_unsplit_gradients_for_many_clients() -> None:
     """Sum of client gradients equals the unsplit gradient on the concatenated batch (identical clients)."""
     torch.manual_seed(0)
-    front = tiny_front()
-    srv = make_server()
+    front = tiny_front().to(TEST_DEVICE)
+    srv = make_server(device=TEST_DEVICE)
     hp = ClientHParams(lr=0.1, m=0.99, symmetric="none")
     workers = [ClientWorker(i, copy.deepcopy(front), copy.deepcopy(front), hp) for i in range(3)]
     g = torch.Generator().manual_seed(3)
-    xs = [(torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)) for _ in range(3)]
+    xs = [(torch.randn(2, 3, 8, 8, generator=g).to(TEST_DEVICE), torch.randn(2, 3, 8, 8, generator=g).to(TEST_DEVICE)) for _ in range(3)]
     # unsplit reference: one front on the concatenated batch
     full_front, full_mom = copy.deepcopy(front), copy.deepcopy(front)
     ref_srv = copy.deepcopy(srv)

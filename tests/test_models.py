@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import TEST_DEVICE
 from mona_sfl.models import (
     ARCHS,
     NUM_CUTS,
@@ -50,10 +51,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:
-    """Send a tensor through a bytes round trip, as a transport would."""
+    """Send a tensor through a bytes round trip, as a transport would (back on its device)."""
     arr = t.detach().cpu().numpy()
     data = arr.tobytes()
-    return torch.from_numpy(np.frombuffer(data, dtype=arr.dtype).reshape(arr.shape).copy())
+    return torch.from_numpy(np.frombuffer(data, dtype=arr.dtype).reshape(arr.shape).copy()).to(t.device)
 
 
 def _loss(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -68,8 +69,9 @@ def _loss(z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def test_split_gradients_equal_unsplit_exactly(arch: str, cut: int) -> None:
     torch.manual_seed(0)
     client, server = build_split(arch, cut, width=TINY[arch], proj_hidden=16, proj_dim=8)
-    x = torch.randn(3, 3, 32, 32)
-    target = torch.randn(3, 8)
+    client, server = client.to(TEST_DEVICE), server.to(TEST_DEVICE)
+    x = torch.randn(3, 3, 32, 32).to(TEST_DEVICE)
+    target = torch.randn(3, 8).to(TEST_DEVICE)
 
     # Unsplit: one graph through client and server.
     client_u, server_u = copy.deepcopy(client), copy.deepcopy(server)

@@ -10,10 +10,12 @@ import pytest
 pytest.importorskip("ray")
 pytest.importorskip("flwr")
 
-from conftest import assert_same, load_checkpoint, losses, tiny_overrides  # noqa: E402
+from conftest import TEST_DEVICE, assert_same, load_checkpoint, losses, tiny_overrides  # noqa: E402
 from mona_sfl.cli import main  # noqa: E402
 
-TINY = tiny_overrides("fed.num_clients=3", "ray.num_actors=2", "flower.num_supernodes=2")
+# on CUDA (MONA_SFL_TEST_DEVICE=cuda) the Ray actors share the GPU, as Flower's simulated nodes do
+TINY = tiny_overrides("fed.num_clients=3", "ray.num_actors=2", "flower.num_supernodes=2",
+                      *(["ray.gpus_per_actor=0.5"] if TEST_DEVICE == "cuda" else []))
 
 
 @pytest.mark.slow

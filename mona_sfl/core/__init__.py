@@ -18,4 +18,8 @@ AGGREGATIONS = Registry(
     {"fedavg": "mona_sfl.core.merge:fedavg_aggregation", "axis": "mona_sfl.core.merge:axis_aggregation"},
 )
 
-__all__ = ["AGGREGATIONS", "SYMMETRIC"]
+#: ``train.precision``: the training forwards in float32 (``fp32``), or under bfloat16 autocast
+#: with float32 weights, optimizer state and cut tensors (``bf16``, :mod:`mona_sfl.core.precision`).
+PRECISIONS = Choices("train.precision", ("fp32", "bf16"))
+
+__all__ = ["AGGREGATIONS", "PRECISIONS", "SYMMETRIC"]

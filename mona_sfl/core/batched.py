@@ -38,6 +38,7 @@ from torch.func import functional_call
 
 from mona_sfl.core.client import Activations, ClientWorker, make_inputs
 from mona_sfl.core.moco import ema_update_tensors
+from mona_sfl.core.precision import autocast
 from mona_sfl.core.schedule import CLIENT_BATCHING, client_step_lr
 from mona_sfl.errors import ConfigError
 
@@ -136,10 +137,12 @@ class BatchedClients:
         lists = [self._lookup(m)[1] for m in mods]
         return {k: [ps[i] for ps in lists] for i, k in enumerate(names)}
 
-    def _run(self, mods: Sequence[nn.Module], x: torch.Tensor, *, grad: bool, keep_stats: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One pass of the n fronts ``mods`` on the stacked input ``x``. Returns the output and
-        the stacked parameters (leaves requiring grad when ``grad``); running statistics are
-        written back to the fronts when ``keep_stats``."""
+    def _run(
+        self, mods: Sequence[nn.Module], x: torch.Tensor, *, grad: bool, keep_stats: bool, precision: str
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One pass of the n fronts ``mods`` on the stacked input ``x`` in ``precision``.
+        Returns the output in ``x``'s dtype and the stacked parameters (leaves requiring grad when
+        ``grad``); running statistics are written back to the fronts when ``keep_stats``."""
         n = len(mods)
         ps = self._tensors(mods, self.param_names)
         params = [torch.cat([p.detach() for p in ps[k]]) for k in self.param_names]
@@ -151,8 +154,8 @@ class BatchedClients:
         state.update({k: torch.cat(stats[k]) for k in self.stat_names})
         counts = {k: torch.zeros((), dtype=stats[k][0].dtype, device=x.device) for k in self.count_names}
         state.update(counts)
-        with torch.set_grad_enabled(grad):
-            out = functional_call(self.module(n), state, (x,))
+        with torch.set_grad_enabled(grad), autocast(precision, x.device):
+            out = functional_call(self.module(n), state, (x,)).to(x.dtype)  # a no-op in fp32
         if keep_stats:
             with torch.no_grad():
                 for k in self.stat_names:
@@ -176,8 +179,12 @@ class BatchedClients:
         result: dict[int, Activations] = {}
         for group in _groups([(tuple(q.shape), tuple(k.shape)) for q, k in inputs]):
             ws = [workers[i] for i in group]
-            out, params = self._run([w.online for w in ws], _stack_rows([inputs[i][0] for i in group]), grad=True, keep_stats=True)
-            a_k, _ = self._run([w.momentum for w in ws], _stack_rows([inputs[i][1] for i in group]), grad=False, keep_stats=True)
+            out, params = self._run(
+                [w.online for w in ws], _stack_rows([inputs[i][0] for i in group]), grad=True, keep_stats=True, precision=hp.precision
+            )
+            a_k, _ = self._run(
+                [w.momentum for w in ws], _stack_rows([inputs[i][1] for i in group]), grad=False, keep_stats=True, precision=hp.precision
+            )
             graph = _Graph([w.client_id for w in ws], out, params, {w.client_id for w in ws})
             for w, q, k in zip(ws, _split_rows(out.detach(), len(ws)), _split_rows(a_k, len(ws))):
                 self.graphs[w.client_id] = graph
@@ -213,7 +220,9 @@ class BatchedClients:
             for group in _groups([tuple(inputs[i].shape) for i in rebuilt]):
                 pos = [rebuilt[j] for j in group]
                 ws = [workers[i] for i in pos]
-                out, params = self._run([w.online for w in ws], _stack_rows([inputs[i] for i in pos]), grad=True, keep_stats=False)
+                out, params = self._run(
+                    [w.online for w in ws], _stack_rows([inputs[i] for i in pos]), grad=True, keep_stats=False, precision=hp.precision
+                )
                 g = _Graph([w.client_id for w in ws], out, params, {w.client_id for w in ws})
                 self._backward(g, ws, [grads[i] for i in pos])
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mona_sfl.core.moco import ema_update
+from mona_sfl.core.precision import autocast
 from mona_sfl.core.schedule import client_epoch_lr, client_step_lr
 
 StateDict = dict[str, torch.Tensor]
@@ -31,6 +32,7 @@ class ClientHParams:
     schedule: str = "epoch"  # epoch | reference
     epochs: int = 200  # cosine period (T_max)
     batching: str = "off"  # off: one client after another | on: one batched pass (mona_sfl.core.batched)
+    precision: str = "fp32"  # fp32 | bf16: the fronts' forwards under bfloat16 autocast (mona_sfl.core.precision)
 
 
 @dataclass
@@ -85,9 +87,10 @@ class ClientWorker:
         # forward; the online forward changes no parameter, so doing it first is the same.
         ema_update(self.momentum, self.online, self.hp.m)
         self.momentum_synced = False
-        out = self.online(q_in)
-        with torch.no_grad():
-            a_k = self.momentum(k_in)
+        with autocast(self.hp.precision, q_in.device):
+            out = self.online(q_in).to(q_in.dtype)  # the input's dtype at the cut (a no-op in fp32)
+            with torch.no_grad():
+                a_k = self.momentum(k_in).to(k_in.dtype)
         self._out = out
         if next(self.online.buffers(), None) is not None:
             # BatchNorm: the forward moved the running statistics, so the online front differs
@@ -115,7 +118,8 @@ class ClientWorker:
                 raise RuntimeError(f"client {self.client_id}: backward without a forward (pass the views to recompute)")
             q_in, _ = make_inputs(recompute[0], recompute[1], self.hp.symmetric)
             saved = {n: b.detach().clone() for n, b in self.online.named_buffers()}
-            out = self.online(q_in)
+            with autocast(self.hp.precision, q_in.device):
+                out = self.online(q_in).to(q_in.dtype)
         if grad.shape != out.shape:
             raise ValueError(f"client {self.client_id}: gradient shape {tuple(grad.shape)} != activation shape {tuple(out.shape)}")
         # reference quirk (client_schedule = "reference"): CosineAnnealingLR(T_max=epochs) stepped once per client step

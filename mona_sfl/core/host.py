@@ -26,6 +26,7 @@ from torch import nn
 
 from mona_sfl.core.batched import CLIENT_BATCHING, BatchedClients
 from mona_sfl.core.client import Activations, ClientHParams, ClientWorker
+from mona_sfl.core.precision import PRECISIONS
 from mona_sfl.core.sync import GlobalFronts, StateDict
 from mona_sfl.data.stream import batches
 
@@ -71,6 +72,7 @@ class ClientHost:
     def __post_init__(self) -> None:
         self.template = self.template.to(self.device)
         CLIENT_BATCHING.check(self.hp.batching)
+        PRECISIONS.check(self.hp.precision)
         if self.hp.batching == "on":
             self.batched = BatchedClients(self.template)
         self.global_online = _clone_sd(self.template.state_dict())

@@ -26,6 +26,7 @@ from torch import nn
 
 from mona_sfl.core.client import Activations
 from mona_sfl.core.moco import KeyQueue, ema_update, infonce
+from mona_sfl.core.precision import PRECISIONS, autocast
 from mona_sfl.core.schedule import server_lr
 
 
@@ -145,7 +146,10 @@ class Server:
         device: torch.device | str = "cpu",
         queue_seed: int = 0,
         spec: ActivationSpec | None = None,
+        precision: str = "fp32",
     ) -> None:
+        PRECISIONS.check(precision)
+        self.precision = precision  # fp32 | bf16: the net's forwards under bfloat16 autocast (mona_sfl.core.precision)
         self.device = torch.device(device)
         self.online = net.to(self.device)
         self.momentum = copy.deepcopy(self.online)
@@ -214,15 +218,15 @@ class Server:
 
         ema_update(self.momentum, self.online, self.m)  # server EMA first (reference)
         queue = self.queue.queue.clone()  # negatives as they were before this step's enqueue
-        q = F.normalize(self.online(Q), dim=1)  # (n, dim)
+        q = F.normalize(self._net(self.online, Q), dim=1)  # (n, dim)
         with torch.no_grad():
-            k = F.normalize(self.momentum(Kp), dim=1)  # (n, dim)
+            k = F.normalize(self._net(self.momentum, Kp), dim=1)  # (n, dim)
         loss = infonce(q, k, queue, self.T)
         keys = k
         if self.symmetric == "original":
-            q2 = F.normalize(self.online(Kp), dim=1)
+            q2 = F.normalize(self._net(self.online, Kp), dim=1)
             with torch.no_grad():
-                k2 = F.normalize(self.momentum(Q.detach()), dim=1)
+                k2 = F.normalize(self._net(self.momentum, Q.detach()), dim=1)
             loss = loss + infonce(q2, k2, queue, self.T)
             keys = torch.cat([k, k2])
         self.queue.enqueue(keys)
@@ -236,6 +240,12 @@ class Server:
             raise RuntimeError("server step produced no activation gradient")
         grads = {a.client_id: g for a, g in zip(acts, grad.split(sizes))}
         return StepResult(loss=float(loss.detach()), grads=grads, rows=int(sum(sizes)), rejected=rejected)
+
+    def _net(self, net: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        """``net(a)`` in the server's precision, in ``a``'s dtype (float32: normalisation and loss
+        stay float32)."""
+        with autocast(self.precision, self.device):
+            return net(a).to(a.dtype)  # a no-op in fp32
 
     def state_dict(self) -> dict:
         return {
