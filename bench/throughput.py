@@ -33,6 +33,9 @@ def measure(config: str | None, overrides: list[str], steps: int, warmup: int) -
             marks["end"] = time.perf_counter()
 
         trainer.on_step = on_step
+        if warmup == 0:  # no step reaches global_step 0: start the clock before the first one
+            trainer.timers.reset()
+            marks["start"], marks["images"] = time.perf_counter(), trainer.images
         trainer.run()
         wall = marks["end"] - marks["start"]
         T = trainer.timers
