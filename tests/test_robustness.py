@@ -519,6 +519,14 @@ RAY_DRIVERS = {  # what starts the local Ray instance of a run, then waits to be
 }
 
 
+def _argv0(pid: int) -> bytes:
+    """The process's title (its command line's first word), or b"" when it is gone."""
+    try:
+        return Path("/proc", str(pid), "cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return b""
+
+
 def descendants(root: int) -> dict[int, bytes]:
     """``{pid: its /proc stat line}`` of every process below ``root`` (a pid reused later has another stat line)."""
     parent, stat = {}, {}
@@ -568,9 +576,16 @@ def test_ray_processes_of_a_killed_driver_end_within_seconds(runtime: str) -> No
     procs: dict[int, bytes] = {}
     try:
         assert driver.stdout is not None and driver.stdout.readline().strip() == "up"
-        procs = descendants(driver.pid)
-        names = b" ".join(Path("/proc", str(p), "cmdline").read_bytes().split(b"\0")[0] for p in procs)
-        assert b"ray::DashboardAgent" in names and b"ray::RuntimeEnvAgent" in names and b"raylet" in names, names
+        # the agents take their ray::... titles only once their imports are done (seconds on a
+        # loaded machine): wait for them, so the check below is about the kill, not about startup
+        wanted, deadline = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent", b"raylet"), time.monotonic() + 60.0
+        while True:
+            procs = descendants(driver.pid)
+            names = b" ".join(_argv0(p) for p in procs)
+            if all(w in names for w in wanted) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert all(w in names for w in wanted), names
         driver.kill()
         driver.wait()
         deadline = time.monotonic() + 8.0
