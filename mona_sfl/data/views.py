@@ -167,13 +167,7 @@ class TwoViews:
 
     def augment(self, images: torch.Tensor, seed: int, copies: int = 1) -> torch.Tensor:
         """``copies`` independent views of each image, stacked copy-major: (copies*b, 3, size, size)."""
-        _check_images(images)
-        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
-            raise DataError(f"copies must be an integer >= 1, got {copies!r}")
-        b, _, hgt, wid = images.shape
-        params = self.sample_params(copies * b, hgt, wid, seed)
-        src = images.to(torch.float32).div_(255.0)
-        return self.apply(src.repeat(copies, 1, 1, 1) if copies > 1 else src, params)
+        return self.augment_many([images], [seed], copies)[0]
 
     def sample_params(self, m: int, hgt: int, wid: int, seed: int) -> ViewParams:
         """Random parameters of ``m`` views of ``hgt x wid`` images, a pure function of ``seed``."""
