@@ -132,6 +132,9 @@ def test_regime_preset_writes_curves_and_plots(tmp_path: Path, study) -> None:
         assert knn_steps == [0, 2, 4]  # initial, every 2 steps, final
         synced = [c for c in curves if c["method"] == method and c["ol_ml"]]
         assert [int(c["step"]) for c in synced] == [4]  # the run's last step syncs
+        row = next(r for r in rows if r["method"] == method)
+        knn = {int(c["step"]): float(c["knn_top1"]) for c in curves if c["method"] == method and c["knn_top1"]}
+        assert float(row["knn_top1_tail"]) == pytest.approx(knn[4]) and float(row["knn_top1"]) == pytest.approx(knn[4])  # tail of 4 steps: step 4 only
     for name in ("accuracy_vs_cut", "curves_cut2"):
         for ext in ("png", "pdf"):
             assert (out / "plots" / f"{name}.{ext}").stat().st_size > 1000
@@ -232,3 +235,18 @@ def test_curves_show_knn_misalignment_and_momentum_spread(tmp_path: Path, monkey
     spread = {ln.get_label(): list(ln.get_ydata()) for ln in axs[2].get_lines()}
     assert spread == {"MonAcoSFL, seed 0": [5e-9, 1e-8], "MocoSFL, seed 0": [5e-7, 1e-6]}
     assert (tmp_path / "plots" / "curves_cut7.pdf").is_file()
+
+
+def test_tail_mean_averages_the_last_30_percent_of_the_curve() -> None:
+    """``knn_top1_tail``: the mean of the kNN evaluations in the last 30% of the steps, both ends included."""
+    from mona_sfl.studies.split_depth import tail_mean
+
+    curve = [{"step": t, "knn_top1": float(t // 100)} for t in range(0, 1001, 100)]  # 0, 1, ..., 10
+    assert tail_mean(curve, 1000) == (7 + 8 + 9 + 10) / 4
+    assert tail_mean(curve, 1000, fraction=1.0) == sum(range(11)) / 11
+    assert tail_mean(curve, 1000, fraction=0.05) == 10.0  # the final evaluation alone
+    assert tail_mean(curve, 950) == (7 + 8 + 9) / 3  # steps 665..950; a point past the run's end is not counted
+    assert tail_mean([], 1000) is None
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="tail fraction"):
+            tail_mean(curve, 1000, fraction=bad)
