@@ -118,7 +118,7 @@ def test_regime_preset_writes_curves_and_plots(tmp_path: Path, study) -> None:
 
     out = tmp_path / "regime"
     argv = ["--regime", "batch20", "--quick", "--cuts", "2", "--steps", "4", "--curve-every", "2", "--no-attack",
-            "--set", "data.synthetic_size=200", "--set", "eval.linear=false", "--out", str(out)]
+            "--set", "data.synthetic_size=200", "--set", "eval.linear=false", "--set", "train.client_threads=2", "--out", str(out)]
     assert study.main(argv) == 0
     cols, rows = rows_of(out / "split_depth.csv")
     assert sorted(r["method"] for r in rows) == ["MocoSFL", "MonAcoSFL"]
@@ -126,6 +126,8 @@ def test_regime_preset_writes_curves_and_plots(tmp_path: Path, study) -> None:
     cfg = load_config(out / rows[0]["run_dir"] / "config.toml")
     assert (cfg.fed.num_clients, cfg.train.batch_size, cfg.fed.sync_every) == (5, 20, 10)
     assert (cfg.train.client_schedule, cfg.data.partition, cfg.train.max_steps, cfg.eval.every_steps) == ("reference", "noniid", 4, 2)
+    # --quick runs one thread: server compute with it, client compute too unless a --set says otherwise
+    assert (cfg.train.client_threads, cfg.train.server_threads) == (2, 1)
     _, curves = rows_of(out / "curves.csv")
     for method in ("MonAcoSFL", "MocoSFL"):
         knn_steps = [int(c["step"]) for c in curves if c["method"] == method and c["knn_top1"]]
@@ -151,6 +153,7 @@ def test_regime_preset_writes_curves_and_plots(tmp_path: Path, study) -> None:
 def test_two_studies_share_one_folder(tmp_path: Path, study, monkeypatch: pytest.MonkeyPatch) -> None:
     """A study records its rows into the CSV as it is on disk when the run ends, so that a second study
     process writing the same --out meanwhile (one per method, side by side) loses nothing."""
+    from mona_sfl.config import load_config
     from mona_sfl.studies import split_depth
 
     out = tmp_path / "shared"
@@ -175,6 +178,9 @@ def test_two_studies_share_one_folder(tmp_path: Path, study, monkeypatch: pytest
     # a run that the other study has recorded is skipped, not trained again
     monkeypatch.setattr(split_depth, "run_one", lambda *a, **kw: pytest.fail("trained a run that is in the CSV"))
     assert study.main([*argv, "--methods", "mona"]) == 0
+    # --threads is every run's client and server thread count, so another count is another study
+    assert study.main([*argv, "--methods", "mona", "--threads", "2"]) == 2
+    assert load_config(out / "runs" / "mona-cut2-seed0" / "config.toml").train.server_threads == 1
 
 
 def test_study_plot_labels_units_and_markers(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--curve-every", type=int, help="kNN every N steps for the learning curves (regime default: budget / 10)")
     p.add_argument("--no-attack", action="store_true", help="skip the model-inversion attack (accuracy and curves only)")
     p.add_argument("--quick", action="store_true", help="tiny synthetic version (a few minutes on 2 CPU cores)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; --quick: 1, which is much faster on a busy machine)")
+    p.add_argument("--threads", type=int, help="torch CPU threads of every run, for client and server compute and evaluation alike (sets train.client_threads and train.server_threads; default: the config's, server 0 = every CPU; --quick: 1, which is much faster on a busy machine)")
     p.add_argument("--progress", action="store_true", help="show training progress")
     p.add_argument("--no-plots", action="store_true", help="write the CSV only")
 

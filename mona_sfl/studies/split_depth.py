@@ -209,7 +209,7 @@ def check_study(out: Path, settings: dict[str, Any]) -> None:
             )
             raise ConfigError(
                 f"{out} holds a study with different settings (differs in: {', '.join(diff[:8]) or '?'}): "
-                "use another --out, or the same --config/--set/--quick/--attack-* options as before"
+                "use another --out, or the same --config/--set/--quick/--threads/--attack-* options as before"
             )
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -727,6 +727,14 @@ def run_study(
             raise ConfigError(f"unknown method '{m}': choose from MonAcoSFL (mona), MocoSFL (moco)")
     if quick:  # --quick keeps its tiny queue and projector; a regime keeps its federation and schedule
         extra = [o for o in extra if not o.startswith("algo.")]
+    threads = threads if threads is not None else (1 if quick else None)
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
+        # the engine sets its own count for client and server compute and evaluation
+        # (train.client_threads / server_threads; server 0 = every CPU): without these, two
+        # one-thread studies side by side would each run their server phases on every core
+        extra += [f"train.client_threads={threads}", f"train.server_threads={threads}"]
     base_overrides = (QUICK_SET if quick else []) + extra + list(overrides)
     config_path = resolve_config_path(config)
     base = load_config(config_path, base_overrides)  # validates the shared settings once
@@ -734,10 +742,7 @@ def run_study(
         if not 1 <= c <= NUM_CUTS:
             raise ConfigError(f"--cuts: cut {c} is out of range: legal cut layers are 1..{NUM_CUTS}")
     attack_kw = {} if no_attack else (attack_settings(quick) if attack is None else attack)
-    threads = threads if threads is not None else (1 if quick else None)
     if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {threads}")
         import torch
 
         torch.set_num_threads(threads)
