@@ -4,9 +4,12 @@ at the cut float32).
 
 Tolerances, measured on CPU with the tiny run (3 clients, 2 sampled, group norm): the first
 bf16 loss is 1.1% above the fp32 one (0.05842 vs 0.05778; 0.6% with BatchNorm), pinned at
-3%; bf16 with batching on and off agree bit for bit over all 6 steps on CPU, pinned at 1e-3
-relative per loss (a different kernel may round one bfloat16 value the other way; batching
-without autocast misses by 1e-2 at the first step).
+3%. bf16 with batching on and off: bit for bit over all 6 steps on one Intel CPU; on an AMD
+EPYC 4.8e-4 relative at the first loss and up to 6.0e-3 later (its kernels round some
+bfloat16 values the other way, and the tiny run's loss jumps from 0.06 to 3.5 at step 2,
+which amplifies any rounding: there even fp32 batching on and off drift 3.5e-3 apart by step
+5). Pinned at 2e-3 for the first loss (batching without autocast misses it by 1e-2) and 2e-2
+for the later ones.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from test_batched import Stream
 
 TINY = tiny_overrides("fed.num_clients=3", "fed.sample_ratio=0.67", "train.checkpoint_every=2")
 FIRST_LOSS_RTOL = 3e-2  # bf16 vs fp32, measured 1.1e-2
-BATCHED_RTOL = 1e-3  # bf16 batched vs per-client, measured 0 on CPU
+BATCHED_FIRST_RTOL = 2e-3  # bf16 batched vs per-client, first loss: measured 0 (Intel) and 4.8e-4 (AMD EPYC)
+BATCHED_RTOL = 2e-2  # later losses: measured up to 6.0e-3 (AMD EPYC)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +99,7 @@ def test_bf16_batched_equals_per_client(runs: dict[str, Path]) -> None:
     off, on = losses(runs["bf16"]), losses(runs["bf16_on"])
     assert [s for s, _ in off] == [s for s, _ in on]
     for (s, a), (_, b) in zip(off, on):
-        assert abs(a - b) <= BATCHED_RTOL * abs(a), (s, a, b)
+        assert abs(a - b) <= (BATCHED_FIRST_RTOL if s == off[0][0] else BATCHED_RTOL) * abs(a), (s, a, b)
 
 
 @pytest.mark.parametrize("batching", ["off", "on"])
