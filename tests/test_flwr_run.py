@@ -1,5 +1,6 @@
 """`mona-sfl flwr-run`: `flwr run` of this app with no activated venv, no per-run environment
-build, the log streamed, the local SuperLink stopped, and the same losses as `--set runtime=flower`."""
+build, the log streamed, the local SuperLink stopped, and the same losses as the in-process run
+(which `--set runtime=flower` gives bit for bit too: tests/test_runtimes_agree.py)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,15 @@ TINY = tiny_overrides("fed.num_clients=2", "eval.linear=false")
 
 
 @pytest.mark.slow
-def test_flwr_run_equals_runtime_flower_and_stops_its_superlink(tmp_path: Path) -> None:
+def test_flwr_run_equals_the_local_run_and_stops_its_superlink(tmp_path: Path) -> None:
     from mona_sfl.cli import main
     from mona_sfl.cli.flwr_run import local_superlinks, superlink_up
 
     if superlink_up():
         pytest.skip("a local Flower SuperLink already runs on this machine's port 39091")
     sets = [a for kv in TINY for a in ("--set", kv)]
-    ref = tmp_path / "simulation"
-    assert main(["train", "--quiet", "--out", str(ref), *sets, "--set", "runtime=flower"]) == 0
+    ref = tmp_path / "local"
+    assert main(["train", "--quiet", "--out", str(ref), *sets, "--set", "runtime=local"]) == 0
 
     home = tmp_path / "flwr home"
     out = tmp_path / 'run "quoted" out'
@@ -37,7 +38,7 @@ def test_flwr_run_equals_runtime_flower_and_stops_its_superlink(tmp_path: Path) 
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "mona-sfl: kNN top-1" in r.stdout + r.stderr  # the ServerApp's log was streamed
     assert "kNN top-1 accuracy:" in r.stdout
-    assert losses(out) == losses(ref)  # bit-identical to --set runtime=flower
+    assert losses(out) == losses(ref) and len(losses(ref)) == 6  # bit-identical to the in-process run
     assert not (home / "runtime-envs").exists()  # no per-run environment was built
     assert local_superlinks(home) == [] and not superlink_up()  # the SuperLink it started is gone
 
