@@ -71,7 +71,7 @@ def test_authenticated_supernode_trains_unknown_one_is_refused(tmp_path: Path) -
         "runtime=flower", "flower.num_supernodes=1", "flower.step_timeout_s=120",
         "fed.num_clients=1", "train.max_steps=1", "train.batch_size=8", "train.steps_per_epoch=1",
         "model.width=0.125", "algo.K=64", "algo.dim=16", "algo.hidden_dim=32",
-        "data.synthetic_size=100", "eval.linear=false", "eval.every=0",
+        "data.synthetic_size=100", "data.synthetic_test_size=0", "eval.linear=false", "eval.every=0",
     ])  # fmt: skip
     seen: dict = {}
 

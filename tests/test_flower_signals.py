@@ -39,6 +39,7 @@ TINY_FLOWER = [
     "algo.dim=16",
     "algo.hidden_dim=32",
     "data.synthetic_size=120",
+    "data.synthetic_test_size=0",  # a fifth of the training set, not the default config's 10,000
     "data.image_size=16",
     "fed.num_clients=2",
     "flower.num_supernodes=2",
