@@ -73,6 +73,6 @@ def test_the_readme_keeps_its_two_set_up_commands_and_ci_runs_the_second() -> No
     blocks = re.findall(r"```bash\n(python3 -m venv .venv && [^\n]*)\n```", readme)
     assert blocks[:2] == [
         "python3 -m venv .venv && .venv/bin/pip install -e . && FLWR_TELEMETRY_ENABLED=0 .venv/bin/mona-sfl train",
-        'python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" && FLWR_TELEMETRY_ENABLED=0 .venv/bin/python -m pytest -q',
+        'python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" && FLWR_TELEMETRY_ENABLED=0 .venv/bin/python -m pytest -q -n 2 --dist loadfile',
     ]
     assert blocks[1] in (ROOT / ".ci" / "run").read_text(encoding="utf-8")

@@ -126,6 +126,7 @@ def loss_steps(run: Path) -> list[int]:
     return [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the run's processes through /proc")
 def test_flower_simulation_sigterm_checkpoints_stops_everything_then_resume_completes(tmp_path: Path) -> None:
     run = tmp_path / "run"

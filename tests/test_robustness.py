@@ -560,6 +560,7 @@ def still_running(procs: dict[int, bytes]) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", sorted(RAY_DRIVERS))
 def test_ray_processes_of_a_killed_driver_end_within_seconds(runtime: str) -> None:
     """A driver of runtime=ray (or flower) SIGKILLed: its local Ray instance (GCS, raylet,

@@ -41,6 +41,7 @@ def rows_of(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(r.fieldnames or []), list(r)
 
 
+@pytest.mark.slow
 def test_quick_study_then_resume(study, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from mona_sfl.comms import comm_costs
     from mona_sfl.config import load_config, schema_config
@@ -111,6 +112,7 @@ def test_quick_study_then_resume(study, tmp_path: Path, capsys: pytest.CaptureFi
     assert "different settings" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_regime_preset_writes_curves_and_plots(tmp_path: Path, study) -> None:
     """`--regime` runs the reference regime's federation and schedule (tiny with --quick), curves and plots, no attack."""
     from mona_sfl.config import load_config, schema_config
