@@ -61,6 +61,7 @@ def test_quick_study_then_resume(study, tmp_path: Path, capsys: pytest.CaptureFi
             assert math.isfinite(float(r[k])), (k, r[k])
         assert 0 < float(r["mia_mse"]) < 1 and -1 <= float(r["mia_ssim"]) <= 1
         cfg = load_config((out / r["run_dir"] / "config.toml"))
+        assert cfg.data.synthetic_test_size == 0  # --quick: a fifth of the training images, not the default config's 10,000
         c = comm_costs(cfg)
         assert int(r["bytes_total"]) == c.bytes_total and int(r["bytes_per_step"]) == c.bytes_per_step
         assert int(r["syncs"]) == c.total_syncs and int(r["steps"]) == c.total_steps == 2
