@@ -153,7 +153,7 @@ def test_regime_preset_writes_curves_and_plots(tmp_path: Path, study) -> None:
     assert study.main(["--regime", "batch21", "--out", str(tmp_path / "x")]) == 2  # a typo is a clear error
 
 
-def test_two_studies_share_one_folder(tmp_path: Path, study, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_studies_share_one_folder(tmp_path: Path, study, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A study records its rows into the CSV as it is on disk when the run ends, so that a second study
     process writing the same --out meanwhile (one per method, side by side) loses nothing."""
     from mona_sfl.config import load_config
@@ -178,9 +178,16 @@ def test_two_studies_share_one_folder(tmp_path: Path, study, monkeypatch: pytest
     assert sorted((r["method"], r["seed"]) for r in rows) == [("MocoSFL", "7"), ("MonAcoSFL", "0")]
     _, curves = rows_of(out / "curves.csv")
     assert {(c["method"], c["seed"]) for c in curves} == {("MocoSFL", "7"), ("MonAcoSFL", "0")}
-    # a run that the other study has recorded is skipped, not trained again
+    # a run that the other study has recorded is skipped, not trained again; the plots and the table
+    # cover every run in the folder, the other process's method too
     monkeypatch.setattr(split_depth, "run_one", lambda *a, **kw: pytest.fail("trained a run that is in the CSV"))
-    assert study.main([*argv, "--methods", "mona"]) == 0
+    plotted: list[tuple[str, str]] = []
+    monkeypatch.setattr(split_depth, "plot_all", lambda out_dir, rows: plotted.extend((r["method"], str(r["seed"])) for r in rows) or [])
+    capsys.readouterr()
+    assert study.main([a for a in argv if a != "--no-plots"] + ["--methods", "mona"]) == 0
+    assert sorted(plotted) == [("MocoSFL", "7"), ("MonAcoSFL", "0")]
+    table = capsys.readouterr().out.split("results over seeds (sample std; n = seeds):\n", 1)[1].splitlines()
+    assert sorted(line.split()[0] for line in table[2:]) == ["MocoSFL", "MonAcoSFL"]
     # --threads is every run's client and server thread count, so another count is another study
     assert study.main([*argv, "--methods", "mona", "--threads", "2"]) == 2
     assert load_config(out / "runs" / "mona-cut2-seed0" / "config.toml").train.server_threads == 1

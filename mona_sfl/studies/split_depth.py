@@ -776,12 +776,14 @@ def run_study(
             write_rows(csv_path, rows)
         write_curves(out, rows)
     report(f"wrote CSV: {csv_path} ({len(rows)} rows) and {out / 'curves.csv'} in {time.perf_counter() - t_start:.1f} s")
-    sel = [r for r in rows if row_key(r)[0] in methods]
-    if plots and sel:
-        for p in plot_all(out, sel):
-            report(f"wrote plot: {p}")
-    if sel:
-        report("results over seeds (sample std; n = seeds):\n" + results_table(sel).rstrip("\n"))
+    # the figures and the table show every run in the folder, not only this process's methods: with one
+    # process per method side by side, the one that ends last draws both methods on each figure
+    if plots and rows:
+        with _study_lock(out):
+            for p in plot_all(out, rows):
+                report(f"wrote plot: {p}")
+    if rows:
+        report("results over seeds (sample std; n = seeds):\n" + results_table(rows).rstrip("\n"))
     return rows
 
 
