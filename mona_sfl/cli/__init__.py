@@ -1,4 +1,4 @@
-"""The command line: ``mona-sfl train | config | plot | compare | attack | comm | study | deploy-local | flwr-run | certs | transfer``.
+"""The command line: ``mona-sfl train | config | plot | compare | attack | comm | study | deploy-local | flwr-run | certs | transfer | front``.
 
 Every command takes its settings the same way: ``--config FILE|NAME`` (a file, or a bundled
 config name; default: the bundled ``default``) and ``--set key=value`` (repeatable). Library
@@ -38,6 +38,7 @@ COMMANDS = {
     "flwr-run": "mona_sfl.cli.flwr_run",
     "certs": "mona_sfl.cli.certs",
     "transfer": "mona_sfl.cli.transfer",
+    "front": "mona_sfl.cli.front",
 }
 
 

@@ -1,4 +1,4 @@
-"""Evaluation: feature extraction, weighted kNN monitor, linear probe, and the run's monitor.
+"""Evaluation: feature extraction, weighted kNN monitor, linear probe, the run's monitor, and client-front statistics.
 
 This package face holds the vocabulary (:data:`KNN_FEATURES`) and imports nothing heavy.
 """
@@ -19,6 +19,10 @@ _LAZY = {
     "linear_probe": "linear",
     "cosine_lr": "linear",
     "Monitor": "monitor",
+    "FrontStats": "front",
+    "activation_stats": "front",
+    "encode_front": "front",
+    "inspect_run": "front",
 }
 
 

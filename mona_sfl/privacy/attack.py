@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from mona_sfl.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, load_checkpoint, load_run_config
 from mona_sfl.config import Config, ConfigError, to_flat
 from mona_sfl.data.images import ImageData
-from mona_sfl.data.views import normalize
+from mona_sfl.eval.front import encode_front
 
 ATTACK_JSON = "attack.json"
 ATTACK_PNG = "attack.png"
@@ -227,16 +227,6 @@ def check_attack_options(device: Any = "cpu", **kw: Any) -> None:
         raise ConfigError(f"attack aux-fraction must be in (0, 1], got {frac!r}")
 
 
-@torch.no_grad()
-def _encode(front: nn.Module, images: Tensor, mean: Any, std: Any, device: torch.device, batch_size: int = 256) -> Tensor:
-    """uint8 images -> client activations (float32, on the CPU), front in eval mode."""
-    out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = normalize(images[i : i + batch_size], mean, std).to(device)
-        out.append(front(x).float().cpu())
-    return torch.cat(out)
-
-
 def _pixels(images: Tensor) -> Tensor:
     return images.to(torch.float32) / 255.0
 
@@ -367,10 +357,10 @@ def attack_front(
         p.requires_grad_(False)
     mean, std = train.mean, train.std
     t0 = time.perf_counter()
-    test_act = _encode(front, test_images, mean, std, dev)
+    test_act = encode_front(front, test_images, mean, std, dev)
     act_shape = tuple(int(d) for d in test_act.shape[1:])
     cache = len(aux) * math.prod(act_shape) * 4 <= _CACHE_BYTES
-    aux_act = _encode(front, aux_images, mean, std, dev) if cache else None
+    aux_act = encode_front(front, aux_images, mean, std, dev) if cache else None
     aux_pix = _pixels(aux_images)
     test_pix = _pixels(test_images)
 
@@ -388,7 +378,7 @@ def attack_front(
         total, count = 0.0, 0
         for i in range(0, n, batch_size):
             idx = perm[i : i + batch_size]
-            a = aux_act[idx] if aux_act is not None else _encode(front, aux_images[idx], mean, std, dev)
+            a = aux_act[idx] if aux_act is not None else encode_front(front, aux_images[idx], mean, std, dev)
             y = aux_pix[idx].to(dev)
             loss = F.mse_loss(dec(a.to(dev)), y)
             opt.zero_grad(set_to_none=True)

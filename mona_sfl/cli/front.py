@@ -1,0 +1,55 @@
+"""``mona-sfl front RUN_DIR ...``: how healthy each run's client front is, trained against untrained."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Callable
+
+#: Table columns: heading -> the cell of one FrontStats.
+COLUMNS: dict[str, Callable[[Any], str]] = {
+    "dead ch": lambda s: f"{s.dead_channels}/{s.channels}",
+    "zeros": lambda s: f"{s.zero_fraction:.3f}",
+    "mean |a|": lambda s: f"{s.mean_abs:.4f}",
+    "eff. rank": lambda s: f"{s.effective_rank:.1f}",
+    "PC1 share": lambda s: f"{s.top_share:.3f}",
+    "channel CV": lambda s: f"{s.channel_cv:.3f}",
+    "|w|^2": lambda s: f"{s.weight_sq:.4g}",
+}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "front",
+        help="statistics of run folders' client-front activations: dead channels, spread, effective rank",
+        description="For each run folder, pass the first test images through its synced client front (the checkpoint's "
+        "global_online) and through the run's untrained front, and print per front: channels that are 0 for every image "
+        "('dead ch', of all channels), the share of exact zeros, the mean |activation|, the effective rank of the "
+        "images' activations (exp of the entropy of the principal components' variance shares), the first component's "
+        "share, the median over channels of std/mean-|.| of the channel's mean across images (about 0: the channel "
+        "says the same for every image) and the front's squared weight norm. A front whose clients stopped learning "
+        "shows it here while the server keeps the loss low.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train or study runs) with a checkpoint")
+    p.add_argument("--num-test", type=int, default=1000, help="test images to pass through (default 1000, at least 2)")
+    p.add_argument("--device", help="cpu, cuda or auto (default: each run's device key)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per run instead of the table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mona_sfl.eval.front import inspect_run
+    from mona_sfl.runs import table
+
+    rows: list[list[str]] = []
+    for run_dir in args.runs:
+        res = inspect_run(run_dir, num_test=args.num_test, device=args.device)
+        if args.json:
+            print(json.dumps({"run": run_dir, "step": res["step"], "num_test": res["num_test"],
+                              "untrained": res["untrained"].to_dict(), "trained": res["trained"].to_dict()}))
+            continue
+        for label, stats in (("untrained", res["untrained"]), (f"step {res['step']}", res["trained"])):
+            rows.append([run_dir, label, *(cell(stats) for cell in COLUMNS.values())])
+    if not args.json:
+        print(table(["run", "front", *COLUMNS], rows), end="")
+        print(f"on the first {args.num_test} test images of each run, fronts in eval mode")
+    return 0

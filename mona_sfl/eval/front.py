@@ -1,0 +1,137 @@
+"""How healthy a client front's output is: dead channels, spread and effective rank of its activations.
+
+A front whose clients stop receiving useful gradients does not show it in the loss, which the
+server's layers keep low: its output does. :func:`activation_stats` measures a batch of a
+front's activations (images x channels x H x W); :func:`inspect_run` compares a run folder's
+synced front (``global_online`` of its checkpoint) with the run's untrained front on the
+first test images. ``mona-sfl front RUN_DIR...`` prints both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mona_sfl.checkpoint import CheckpointError, load_checkpoint, load_run_config
+from mona_sfl.config import ConfigError
+from mona_sfl.data.views import normalize
+
+
+@torch.no_grad()
+def encode_front(front: nn.Module, images: Tensor, mean: Any, std: Any, device: torch.device, batch_size: int = 256) -> Tensor:
+    """uint8 images -> client activations (float32, on the CPU); the front as it is (callers set eval mode)."""
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = normalize(images[i : i + batch_size], mean, std).to(device)
+        out.append(front(x).float().cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class FrontStats:
+    """Statistics of a batch of activations (images x channels x H x W).
+
+    - ``dead_channels``: channels that are exactly 0 for every image and position;
+    - ``zero_fraction``: the share of exactly-0 entries;
+    - ``mean_abs``: the mean absolute activation;
+    - ``effective_rank``: exp of the entropy of the principal components' variance shares of the
+      images' flattened, centred activations (1: every image differs from the mean only along
+      one direction; at most images - 1);
+    - ``top_share``: the first principal component's share of the variance;
+    - ``channel_cv``: the median over the channels that are not dead of the std across images
+      of the channel's mean activation over its mean absolute value (about 0: the channel says
+      the same for every image; 0 when every channel is dead);
+    - ``weight_sq``: the front's squared parameter norm (floating-point entries), when given.
+    """
+
+    images: int
+    channels: int
+    dead_channels: int
+    zero_fraction: float
+    mean_abs: float
+    effective_rank: float
+    top_share: float
+    channel_cv: float
+    weight_sq: float = math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def weight_norm_sq(state: dict[str, Tensor]) -> float:
+    """Sum of squares of a state dict's floating-point tensors (counters and integer buffers left out)."""
+    return float(sum(v.detach().double().pow(2).sum() for v in state.values() if v.is_floating_point()))
+
+
+def activation_stats(acts: Tensor, state: dict[str, Tensor] | None = None) -> FrontStats:
+    """:class:`FrontStats` of ``acts`` (N x C x H x W, N >= 2); ``state``: the front's weights, for ``weight_sq``."""
+    if acts.dim() != 4:
+        raise ConfigError(f"activations must be images x channels x H x W, got shape {tuple(acts.shape)}")
+    n, c = int(acts.shape[0]), int(acts.shape[1])
+    if n < 2:
+        raise ConfigError(f"activation statistics need at least 2 images, got {n}")
+    a = acts.detach().double()
+    flat = a.flatten(1)
+    flat = flat - flat.mean(0)
+    # the principal components' variances: eigenvalues of the images' Gram matrix (N x N), cheaper
+    # than an SVD when an image's activations have more entries than there are images
+    var = torch.linalg.eigvalsh(flat @ flat.T).clamp_min(0).flip(0)
+    total = float(var.sum())
+    if total > 0:
+        p = var / total
+        p = p[p > 0]
+        erank, top = math.exp(float(-(p * p.log()).sum())), float(p[0])
+    else:  # every image gives the same activations
+        erank, top = 0.0, 0.0
+    pooled = a.mean(dim=(2, 3))
+    scale = pooled.abs().mean(0)
+    live = scale > 0
+    cv = float(torch.quantile(pooled.std(0)[live] / scale[live], 0.5)) if bool(live.any()) else 0.0
+    return FrontStats(
+        images=n,
+        channels=c,
+        dead_channels=int((a.abs().amax(dim=(0, 2, 3)) == 0).sum()),
+        zero_fraction=float((a == 0).double().mean()),
+        mean_abs=float(a.abs().mean()),
+        effective_rank=erank,
+        top_share=top,
+        channel_cv=cv,
+        weight_sq=weight_norm_sq(state) if state is not None else math.nan,
+    )
+
+
+def inspect_run(run_dir: str | Path, *, num_test: int = 1000, device: str | None = None) -> dict[str, Any]:
+    """The run's synced front (its checkpoint's ``global_online``) and its untrained front, in eval
+    mode, on the first ``num_test`` test images: ``{"step", "num_test", "untrained", "trained"}``
+    with :class:`FrontStats` for both. ``device`` None: the run config's ``device`` key."""
+    from mona_sfl import build
+
+    if isinstance(num_test, bool) or not isinstance(num_test, int) or num_test < 2:
+        raise ConfigError(f"num-test must be an integer >= 2, got {num_test!r}")
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    ckpt = load_checkpoint(run_dir)
+    if "global_online" not in ckpt:
+        raise CheckpointError(f"the checkpoint in {run_dir} has no 'global_online' client front")
+    test = build.load_data(cfg, "test")
+    if len(test) < num_test:
+        raise ConfigError(f"num-test {num_test} is more than the run's {len(test)} test images")
+    dev = build.resolve_device(cfg.device if device is None else device)
+    front, _ = build.build_models(cfg)
+    front = front.to(dev).eval()
+    images = test.images[:num_test]
+    untrained = activation_stats(encode_front(front, images, test.mean, test.std, dev), front.state_dict())
+    try:
+        front.load_state_dict(ckpt["global_online"])
+    except RuntimeError as e:
+        raise CheckpointError(f"the checkpoint's client front does not fit the run's model: {str(e).splitlines()[0]}") from None
+    trained = activation_stats(encode_front(front, images, test.mean, test.std, dev), ckpt["global_online"])
+    return {"step": int(ckpt.get("global_step", -1)), "num_test": num_test, "untrained": untrained, "trained": trained}
+
+
+__all__ = ["FrontStats", "activation_stats", "encode_front", "inspect_run", "weight_norm_sq"]
