@@ -132,6 +132,7 @@ def run_pair(pair, epochs: int, steps: int, align: bool, tol: dict, *, rebuild: 
 
 CASES = [
     ("resnet18", 2, "group", "client", "epoch", True),
+    ("resnet18", 2, "group", "client", "reference", False),  # the batch-2 regime's MocoSFL at cut 2
     ("resnet18", 7, "batch", "original", "reference", False),
     ("mobilenetv2", 3, "group", "none", "reference", True),
     ("mobilenetv2", 8, "batch", "client", "epoch", False),
