@@ -235,6 +235,22 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     )
 
 
+def synced_front(run_dir: Path) -> tuple[dict[str, Any], int]:
+    """A run folder's synced client front (its checkpoint's ``global_online``) and the checkpoint's step."""
+    ckpt = load_checkpoint(run_dir)
+    if "global_online" not in ckpt:
+        raise CheckpointError(f"the checkpoint in {run_dir} has no 'global_online' client front")
+    return ckpt["global_online"], int(ckpt.get("global_step", -1))
+
+
+def load_weights(module: Any, state: dict[str, Any], what: str) -> None:
+    """``module.load_state_dict(state)``; a mismatch is a CheckpointError naming ``what`` (e.g. "client front")."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"the checkpoint's {what} does not fit the run's model: {str(e).splitlines()[0]}") from None
+
+
 def load_run_config(run_dir: Path) -> "Config":
     """The resolved config of a run folder; CheckpointError when the folder or its config is unusable."""
     run_dir = Path(run_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -95,3 +96,13 @@ def test_front_cli_refuses_bad_input(run_dir: Path, capsys: pytest.CaptureFixtur
 def test_front_cli_refuses_a_folder_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["front", str(tmp_path)]) == 2
     assert "mona-sfl: error:" in capsys.readouterr().err
+
+
+def test_front_cli_refuses_a_checkpoint_that_does_not_fit(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other)
+    cfg = (other / "config.toml").read_text()
+    assert cfg.count("cut = 2\n") == 1
+    (other / "config.toml").write_text(cfg.replace("cut = 2\n", "cut = 3\n"))  # the checkpoint holds a cut-2 front
+    assert main(["front", str(other), "--num-test", "8"]) == 2
+    assert "the checkpoint's client front does not fit the run's model" in capsys.readouterr().err

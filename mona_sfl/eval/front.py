@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mona_sfl.checkpoint import CheckpointError, load_checkpoint, load_run_config
+from mona_sfl.checkpoint import load_run_config, load_weights, synced_front
 from mona_sfl.config import ConfigError
 from mona_sfl.data.views import normalize
 
@@ -115,9 +115,7 @@ def inspect_run(run_dir: str | Path, *, num_test: int = 1000, device: str | None
         raise ConfigError(f"num-test must be an integer >= 2, got {num_test!r}")
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    ckpt = load_checkpoint(run_dir)
-    if "global_online" not in ckpt:
-        raise CheckpointError(f"the checkpoint in {run_dir} has no 'global_online' client front")
+    state, step = synced_front(run_dir)
     test = build.load_data(cfg, "test")
     if len(test) < num_test:
         raise ConfigError(f"num-test {num_test} is more than the run's {len(test)} test images")
@@ -126,12 +124,9 @@ def inspect_run(run_dir: str | Path, *, num_test: int = 1000, device: str | None
     front = front.to(dev).eval()
     images = test.images[:num_test]
     untrained = activation_stats(encode_front(front, images, test.mean, test.std, dev), front.state_dict())
-    try:
-        front.load_state_dict(ckpt["global_online"])
-    except RuntimeError as e:
-        raise CheckpointError(f"the checkpoint's client front does not fit the run's model: {str(e).splitlines()[0]}") from None
-    trained = activation_stats(encode_front(front, images, test.mean, test.std, dev), ckpt["global_online"])
-    return {"step": int(ckpt.get("global_step", -1)), "num_test": num_test, "untrained": untrained, "trained": trained}
+    load_weights(front, state, "client front")
+    trained = activation_stats(encode_front(front, images, test.mean, test.std, dev), state)
+    return {"step": step, "num_test": num_test, "untrained": untrained, "trained": trained}
 
 
 __all__ = ["FrontStats", "activation_stats", "encode_front", "inspect_run", "weight_norm_sq"]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mona_sfl.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_run_config
+from mona_sfl.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_run_config, load_weights
 from mona_sfl.core.merge import is_matrix, layer_k
 from mona_sfl.core.schedule import cosine_lr
 from mona_sfl.data.views import normalize
@@ -288,11 +288,8 @@ def run_backbone(run_dir: Path, cfg: "Config") -> tuple[Callable[[], Backbone], 
 
     def make() -> Backbone:
         front, server = build.build_models(cfg)
-        try:
-            front.load_state_dict(front_state)
-            server.load_state_dict(server_state)
-        except RuntimeError as e:
-            raise CheckpointError(f"the checkpoint's backbone does not fit the run's config: {str(e).splitlines()[0]}") from None
+        load_weights(front, front_state, "client front")
+        load_weights(server, server_state, "server")
         return Backbone(front, server)
 
     return make, int(ckpt.get("global_step", -1))

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mona_sfl.checkpoint import CheckpointError, atomic_write_bytes, atomic_write_text, load_checkpoint, load_run_config
+from mona_sfl.checkpoint import atomic_write_bytes, atomic_write_text, load_run_config, load_weights, synced_front
 from mona_sfl.config import Config, ConfigError, to_flat
 from mona_sfl.data.images import ImageData
 from mona_sfl.eval.front import encode_front
@@ -454,10 +454,7 @@ def _attack_cfg(
 
     front, _ = build.build_models(cfg)
     if state is not None:
-        try:
-            front.load_state_dict(state)
-        except RuntimeError as e:
-            raise CheckpointError(f"the checkpoint's client front does not fit the config's model: {str(e).splitlines()[0]}") from None
+        load_weights(front, state, "client front")
     device = cfg.device if device is None else device  # None: the config's device key (auto: CUDA when present)
     train = build.load_data(cfg, "train", progress=progress)
     test = build.load_data(cfg, "test", progress=progress)
@@ -481,11 +478,7 @@ def attack_run(run_dir: str | Path, *, untrained: bool = False, device: Any = No
     meta: dict[str, Any] = {"run_dir": str(run_dir), "untrained": bool(untrained)}
     state = None
     if not untrained:
-        ckpt = load_checkpoint(run_dir)
-        if "global_online" not in ckpt:
-            raise CheckpointError(f"the checkpoint in {run_dir} has no 'global_online' client front")
-        state = ckpt["global_online"]
-        meta["checkpoint_step"] = int(ckpt.get("global_step", -1))
+        state, meta["checkpoint_step"] = synced_front(run_dir)
     names = (BASELINE_JSON, BASELINE_PNG) if untrained else (ATTACK_JSON, ATTACK_PNG)
     return _attack_cfg(cfg, state, run_dir / names[0], run_dir / names[1], device, meta, **kw)
 
