@@ -17,6 +17,7 @@ from mona_sfl.cli import main
 from mona_sfl.config import ConfigError, schema_config
 from mona_sfl.engine import Trainer
 from mona_sfl.eval.front import activation_stats, encode_front, inspect_run, weight_norm_sq
+from mona_sfl.eval.knn import stratified_subset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,21 +68,50 @@ def test_inspect_run_measures_the_synced_and_the_untrained_front(run_dir: Path) 
     front, _ = build.build_models(cfg)
     front.eval()
     cpu = torch.device("cpu")
-    assert res["untrained"] == activation_stats(encode_front(front, test.images[:8], test.mean, test.std, cpu), front.state_dict())
+    images = test.images[torch.as_tensor(stratified_subset(test.labels, 8))]
+    assert len(set(test.labels[torch.as_tensor(stratified_subset(test.labels, 8))].tolist())) == min(8, len(test.classes))  # not the first class alone
+    assert res["untrained"] == activation_stats(encode_front(front, images, test.mean, test.std, cpu), front.state_dict())
     front.load_state_dict(ckpt["global_online"])
-    assert res["trained"] == activation_stats(encode_front(front, test.images[:8], test.mean, test.std, cpu), ckpt["global_online"])
+    assert res["trained"] == activation_stats(encode_front(front, images, test.mean, test.std, cpu), ckpt["global_online"])
     assert res["step"] == 2 and res["num_test"] == 8 and res["trained"].images == 8
     assert res["trained"].weight_sq == weight_norm_sq(ckpt["global_online"]) != res["untrained"].weight_sq
+
+
+def test_front_knn_is_the_knn_of_the_fronts_own_activations(run_dir: Path) -> None:
+    from mona_sfl.eval.knn import knn_accuracy
+    from mona_sfl.eval.monitor import eval_sets
+
+    res = inspect_run(run_dir, num_test=8, knn=True)
+    cfg, ckpt = load_run_config(run_dir), load_checkpoint(run_dir)
+    bank, test = eval_sets(cfg, build.load_data(cfg, "train"), build.load_data(cfg, "test"))
+    front, _ = build.build_models(cfg)
+    front.eval()
+    cpu = torch.device("cpu")
+
+    def feats(data):  # type: ignore[no-untyped-def]
+        return torch.nn.functional.normalize(encode_front(front, data.images, data.mean, data.std, cpu).flatten(1), dim=1)
+
+    untrained = knn_accuracy(feats(bank), bank.labels, feats(test), test.labels, len(bank.classes), k=cfg.eval.knn_k, t=cfg.eval.knn_t)
+    front.load_state_dict(ckpt["global_online"])
+    trained = knn_accuracy(feats(bank), bank.labels, feats(test), test.labels, len(bank.classes), k=cfg.eval.knn_k, t=cfg.eval.knn_t)
+    assert res["knn"] == {"untrained": untrained, "trained": trained}
+    assert res["trained"] == inspect_run(run_dir, num_test=8)["trained"] and "knn" not in inspect_run(run_dir, num_test=8)
 
 
 def test_front_cli(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["front", str(run_dir), "--num-test", "8"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["run", "front", "dead"] and len(out) == 5
-    assert " untrained " in out[2] and " step 2 " in out[3] and out[4].startswith("on the first 8 test images")
+    assert " untrained " in out[2] and " step 2 " in out[3] and out[4].startswith("on 8 test images of each run drawn class by class")
     assert main(["front", str(run_dir), "--num-test", "8", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["step"] == 2 and data["trained"] == inspect_run(run_dir, num_test=8)["trained"].to_dict()
+    assert data["step"] == 2 and data["trained"] == inspect_run(run_dir, num_test=8)["trained"].to_dict() and "knn" not in data
+    assert main(["front", str(run_dir), "--num-test", "8", "--knn"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    knn = inspect_run(run_dir, num_test=8, knn=True)["knn"]
+    assert out[0].rstrip().endswith("front kNN %") and out[2].endswith(f"{knn['untrained']:.2f}") and out[3].endswith(f"{knn['trained']:.2f}")
+    assert main(["front", str(run_dir), "--num-test", "8", "--knn", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["knn"] == knn
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -22,7 +22,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "front",
         help="statistics of run folders' client-front activations: dead channels, spread, effective rank",
-        description="For each run folder, pass the first test images through its synced client front (the checkpoint's "
+        description="For each run folder, pass test images (drawn class by class) through its synced client front (the checkpoint's "
         "global_online) and through the run's untrained front, and print per front: channels that are 0 for every image "
         "('dead ch', of all channels), the share of exact zeros, the mean |activation|, the effective rank of the "
         "images' activations (exp of the entropy of the principal components' variance shares), the first component's "
@@ -31,8 +31,10 @@ def add_parser(sub: Any) -> None:
         "shows it here while the server keeps the loss low.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (train or study runs) with a checkpoint")
-    p.add_argument("--num-test", type=int, default=1000, help="test images to pass through (default 1000, at least 2)")
+    p.add_argument("--num-test", type=int, default=1000, help="test images to pass through, drawn class by class (default 1000, at least 2)")
     p.add_argument("--device", help="cpu, cuda or auto (default: each run's device key)")
+    p.add_argument("--knn", action="store_true", help="also the kNN top-1 of each front's own activations (flattened), on the run's "
+                   "kNN bank and test set with its eval.knn_k and eval.knn_t: what the front alone still tells apart")
     p.add_argument("--json", action="store_true", help="print one JSON object per run instead of the table")
 
 
@@ -42,14 +44,14 @@ def run(args: argparse.Namespace) -> int:
 
     rows: list[list[str]] = []
     for run_dir in args.runs:
-        res = inspect_run(run_dir, num_test=args.num_test, device=args.device)
+        res = inspect_run(run_dir, num_test=args.num_test, device=args.device, knn=args.knn)
         if args.json:
-            print(json.dumps({"run": run_dir, "step": res["step"], "num_test": res["num_test"],
-                              "untrained": res["untrained"].to_dict(), "trained": res["trained"].to_dict()}))
+            print(json.dumps({"run": run_dir, **res, "untrained": res["untrained"].to_dict(), "trained": res["trained"].to_dict()}))
             continue
-        for label, stats in (("untrained", res["untrained"]), (f"step {res['step']}", res["trained"])):
-            rows.append([run_dir, label, *(cell(stats) for cell in COLUMNS.values())])
+        for which, label in (("untrained", "untrained"), ("trained", f"step {res['step']}")):
+            knn = [f"{res['knn'][which]:.2f}"] if args.knn else []
+            rows.append([run_dir, label, *(cell(res[which]) for cell in COLUMNS.values()), *knn])
     if not args.json:
-        print(table(["run", "front", *COLUMNS], rows), end="")
-        print(f"on the first {args.num_test} test images of each run, fronts in eval mode")
+        print(table(["run", "front", *COLUMNS, *(["front kNN %"] if args.knn else [])], rows), end="")
+        print(f"on {args.num_test} test images of each run drawn class by class, fronts in eval mode")
     return 0

@@ -3,8 +3,8 @@
 A front whose clients stop receiving useful gradients does not show it in the loss, which the
 server's layers keep low: its output does. :func:`activation_stats` measures a batch of a
 front's activations (images x channels x H x W); :func:`inspect_run` compares a run folder's
-synced front (``global_online`` of its checkpoint) with the run's untrained front on the
-first test images. ``mona-sfl front RUN_DIR...`` prints both.
+synced front (``global_online`` of its checkpoint) with the run's untrained front on a
+class-stratified draw of test images. ``mona-sfl front RUN_DIR...`` prints both.
 """
 
 from __future__ import annotations
@@ -105,11 +105,26 @@ def activation_stats(acts: Tensor, state: dict[str, Tensor] | None = None) -> Fr
     )
 
 
-def inspect_run(run_dir: str | Path, *, num_test: int = 1000, device: str | None = None) -> dict[str, Any]:
+@torch.no_grad()
+def front_knn(front: nn.Module, bank: Any, test: Any, cfg: Any, device: torch.device) -> float:
+    """kNN top-1 (%) of the front's own activations (flattened, L2-normalised): the run's kNN bank
+    and evaluation test set, its ``eval.knn_k`` and ``eval.knn_t``."""
+    from mona_sfl.eval.knn import knn_accuracy
+
+    def feats(data: Any) -> Tensor:
+        return torch.nn.functional.normalize(encode_front(front, data.images, data.mean, data.std, device).flatten(1), dim=1)
+
+    return knn_accuracy(feats(bank), bank.labels, feats(test), test.labels, len(bank.classes), k=cfg.eval.knn_k, t=cfg.eval.knn_t)
+
+
+def inspect_run(run_dir: str | Path, *, num_test: int = 1000, device: str | None = None, knn: bool = False) -> dict[str, Any]:
     """The run's synced front (its checkpoint's ``global_online``) and its untrained front, in eval
-    mode, on the first ``num_test`` test images: ``{"step", "num_test", "untrained", "trained"}``
-    with :class:`FrontStats` for both. ``device`` None: the run config's ``device`` key."""
+    mode, on ``num_test`` test images drawn class by class (:func:`~mona_sfl.eval.knn.stratified_subset`,
+    the draw of the run's kNN test set): ``{"step", "num_test", "untrained", "trained"}``
+    with :class:`FrontStats` for both. ``device`` None: the run config's ``device`` key.
+    ``knn``: also ``"knn": {"untrained", "trained"}``, :func:`front_knn` of both fronts."""
     from mona_sfl import build
+    from mona_sfl.eval.monitor import eval_sets
 
     if isinstance(num_test, bool) or not isinstance(num_test, int) or num_test < 2:
         raise ConfigError(f"num-test must be an integer >= 2, got {num_test!r}")
@@ -122,11 +137,18 @@ def inspect_run(run_dir: str | Path, *, num_test: int = 1000, device: str | None
     dev = build.resolve_device(cfg.device if device is None else device)
     front, _ = build.build_models(cfg)
     front = front.to(dev).eval()
-    images = test.images[:num_test]
-    untrained = activation_stats(encode_front(front, images, test.mean, test.std, dev), front.state_dict())
-    load_weights(front, state, "client front")
-    trained = activation_stats(encode_front(front, images, test.mean, test.std, dev), state)
-    return {"step": step, "num_test": num_test, "untrained": untrained, "trained": trained}
+    from mona_sfl.eval.knn import stratified_subset
+
+    images = test.images[torch.as_tensor(stratified_subset(test.labels, num_test))]  # image folders list class by class
+    sets = eval_sets(cfg, build.load_data(cfg, "train"), test) if knn else None
+    res: dict[str, Any] = {"step": step, "num_test": num_test, **({"knn": {}} if knn else {})}
+    for which in ("untrained", "trained"):
+        if which == "trained":
+            load_weights(front, state, "client front")
+        res[which] = activation_stats(encode_front(front, images, test.mean, test.std, dev), front.state_dict())
+        if sets is not None:
+            res["knn"][which] = front_knn(front, *sets, cfg, dev)
+    return res
 
 
-__all__ = ["FrontStats", "activation_stats", "encode_front", "inspect_run", "weight_norm_sq"]
+__all__ = ["FrontStats", "activation_stats", "encode_front", "front_knn", "inspect_run", "weight_norm_sq"]
