@@ -22,6 +22,7 @@ _LAZY = {
     "FrontStats": "front",
     "activation_stats": "front",
     "encode_front": "front",
+    "front_knn": "front",
     "inspect_run": "front",
 }
 

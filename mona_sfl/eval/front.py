@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from mona_sfl.checkpoint import load_run_config, load_weights, synced_front
 from mona_sfl.config import ConfigError
 from mona_sfl.data.views import normalize
+from mona_sfl.eval.knn import knn_accuracy, stratified_subset
 
 
 @torch.no_grad()
@@ -109,7 +110,6 @@ def activation_stats(acts: Tensor, state: dict[str, Tensor] | None = None) -> Fr
 def front_knn(front: nn.Module, bank: Any, test: Any, cfg: Any, device: torch.device) -> float:
     """kNN top-1 (%) of the front's own activations (flattened, L2-normalised): the run's kNN bank
     and evaluation test set, its ``eval.knn_k`` and ``eval.knn_t``."""
-    from mona_sfl.eval.knn import knn_accuracy
 
     def feats(data: Any) -> Tensor:
         return torch.nn.functional.normalize(encode_front(front, data.images, data.mean, data.std, device).flatten(1), dim=1)
@@ -137,8 +137,6 @@ def inspect_run(run_dir: str | Path, *, num_test: int = 1000, device: str | None
     dev = build.resolve_device(cfg.device if device is None else device)
     front, _ = build.build_models(cfg)
     front = front.to(dev).eval()
-    from mona_sfl.eval.knn import stratified_subset
-
     images = test.images[torch.as_tensor(stratified_subset(test.labels, num_test))]  # image folders list class by class
     sets = eval_sets(cfg, build.load_data(cfg, "train"), test) if knn else None
     res: dict[str, Any] = {"step": step, "num_test": num_test, **({"knn": {}} if knn else {})}
