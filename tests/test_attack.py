@@ -18,6 +18,7 @@ from mona_sfl.checkpoint import CheckpointError
 from mona_sfl.config import ConfigError, load_config, schema_config
 from mona_sfl.data import ImageData
 from mona_sfl.engine import Trainer
+from mona_sfl.eval.knn import stratified_subset
 from mona_sfl.models import NUM_CUTS
 from mona_sfl.models.split import cut_info
 from mona_sfl.cli.attack import run as attack_main
@@ -66,19 +67,36 @@ def test_aux_and_held_out_sets_are_disjoint() -> None:
     cfg = tiny_cfg()
     train, test = build.load_data(cfg, "train"), build.load_data(cfg, "test")
     aux, held, dropped = aux_indices(train, test, aux_fraction=0.05, num_test=16, seed=3)
-    assert len(aux) == 10 and list(held) == list(range(16)) and dropped == 0
+    assert len(aux) == 10 and dropped == 0
+    assert np.array_equal(held, stratified_subset(test.labels, 16)) and len(set(held)) == 16
     assert np.array_equal(aux, aux_indices(train, test, aux_fraction=0.05, num_test=16, seed=3)[0])  # seeded
     assert not np.array_equal(aux, aux_indices(train, test, aux_fraction=0.05, num_test=16, seed=4)[0])
+    assert np.array_equal(held, aux_indices(train, test, aux_fraction=0.05, num_test=16, seed=4)[1])  # one held-out set for every seed
     # one set for both: the held-out indices are never drawn
     aux_same, held_same, _ = aux_indices(test, test, aux_fraction=1.0, num_test=16, seed=0)
     assert not set(aux_same) & set(held_same) and len(aux_same) == len(test) - 16
     # a training set holding copies of held-out test images: the copies are dropped
-    mixed = ImageData(torch.cat([test.images[:5], train.images]), torch.cat([test.labels[:5], train.labels]), train.classes, train.mean, train.std)
+    copies = test.images[torch.as_tensor(held[:5])]
+    mixed = ImageData(torch.cat([copies, train.images]), torch.cat([test.labels[torch.as_tensor(held[:5])], train.labels]), train.classes, train.mean, train.std)
     aux_m, held_m, dropped_m = aux_indices(mixed, test, aux_fraction=1.0, num_test=16, seed=0)
     assert dropped_m == 5 and not set(range(5)) & set(aux_m)
-    assert not set(_image_hashes(mixed.images[torch.as_tensor(aux_m)])) & set(_image_hashes(test.images[:16]))
+    assert not set(_image_hashes(mixed.images[torch.as_tensor(aux_m)])) & set(_image_hashes(test.images[torch.as_tensor(held)]))
     with pytest.raises(ConfigError):
         aux_indices(train, test, aux_fraction=0.0)
+
+
+def test_held_out_images_cover_every_class_of_a_class_sorted_test_set() -> None:
+    """An image folder lists its test images class by class: the held-out draw takes every class in turn, not the first N."""
+    cfg = tiny_cfg()
+    train = build.load_data(cfg, "train")
+    labels = torch.arange(10).repeat_interleave(20)  # 10 classes, 20 images each, class by class
+    images = torch.arange(200, dtype=torch.uint8).view(200, 1, 1, 1).expand(200, 3, 4, 4).contiguous()
+    test = ImageData(images, labels, [str(c) for c in range(10)], train.mean, train.std)
+    _, held, _ = aux_indices(train, test, aux_fraction=0.05, num_test=30, seed=0)
+    assert len(held) == 30 and np.array_equal(held, np.sort(held))
+    assert np.bincount(labels[torch.as_tensor(held)].numpy(), minlength=10).tolist() == [3] * 10
+    _, held_all, _ = aux_indices(train, test, aux_fraction=0.05, num_test=500, seed=0)
+    assert np.array_equal(held_all, np.arange(200))  # more than the set: all of it
 
 
 def test_attack_on_tiny_front(tmp_path: Path) -> None:

@@ -13,7 +13,10 @@ Protocol as implemented here:
   from the test split; if the same :class:`ImageData` is passed as both sets, the held-out
   indices are excluded from the draw; and auxiliary images whose pixels equal a held-out
   image's (duplicates across splits) are dropped.
-* **Held-out set**: the first ``num_test`` (default 128) test images, fixed.
+* **Held-out set**: ``num_test`` (default 128) test images drawn class by class
+  (:func:`~mona_sfl.eval.knn.stratified_subset`, the draw of the kNN test set; fixed, the same
+  for every run). Image folders list their images class by class, so the first 128 would all
+  be one class.
 * **Decoder** (:class:`Decoder`): ResBlock(C -> w), ``blocks`` x ResBlock(w -> w),
   ``log2(out / H)`` upsampling stages ``ConvTranspose(stride 2) + BN + ReLU`` (0 when the
   activation already has the image's resolution), ResBlock(w -> w), conv3x3(w -> 3),
@@ -57,6 +60,7 @@ from mona_sfl.checkpoint import atomic_write_bytes, atomic_write_text, load_run_
 from mona_sfl.config import Config, ConfigError, to_flat
 from mona_sfl.data.images import ImageData
 from mona_sfl.eval.front import encode_front
+from mona_sfl.eval.knn import stratified_subset
 
 ATTACK_JSON = "attack.json"
 ATTACK_PNG = "attack.png"
@@ -177,8 +181,10 @@ def aux_indices(
     """The attacker's auxiliary training indices and the held-out test indices.
 
     Returns ``(aux, held_out, dropped)``: ``aux`` is a sorted seeded draw of
-    ``max(1, round(aux_fraction * len(train)))`` train indices; ``held_out`` is
-    ``arange(min(num_test, len(test)))``. If ``train is test`` the held-out indices are
+    ``max(1, round(aux_fraction * len(train)))`` train indices; ``held_out`` is the
+    sorted class-by-class draw of ``min(num_test, len(test))`` test indices
+    (:func:`~mona_sfl.eval.knn.stratified_subset`: every class in turn, not the first
+    ``num_test``, which in an image folder are one class). If ``train is test`` the held-out indices are
     not drawn; auxiliary images equal pixel for pixel to a held-out image are dropped
     (``dropped`` counts them), so the two sets never share an image.
     """
@@ -188,7 +194,7 @@ def aux_indices(
         raise ConfigError(f"num_test must be >= 1, got {num_test}")
     if len(test) == 0 or len(train) == 0:
         raise ConfigError("the attack needs a non-empty training set and test set")
-    held = np.arange(min(int(num_test), len(test)), dtype=np.int64)
+    held = np.asarray(stratified_subset(test.labels, min(int(num_test), len(test))), dtype=np.int64)
     candidates = np.arange(len(train), dtype=np.int64)
     if train is test:
         candidates = np.setdiff1d(candidates, held)
