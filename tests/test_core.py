@@ -312,7 +312,49 @@ def test_idle_clients_cost_no_weights() -> None:
     assert set(group.records) == {0, 1}
     assert all(r.online is None and r.momentum is None and r.optimizer is not None for r in group.records.values())
     per_front = sum(v.numel() * 4 for v in group.global_online.values())
-    assert group.memory_bytes() == base + 2 * per_front  # two SGD momentum buffers, nothing else
+    # two SGD momentum buffers, and the two retired clients' (online, momentum) modules kept for
+    # the next epoch's clients (as many as were live, whatever the number of clients)
+    assert len(group.spare) == 2
+    assert group.memory_bytes() == base + 2 * per_front + 2 * 2 * per_front
+
+
+@pytest.mark.parametrize("align", [True, False])
+def test_reused_client_modules_equal_fresh_copies(align: bool) -> None:
+    """Epochs that reuse retired clients' modules train exactly as with fresh deep copies."""
+    hp = ClientHParams(lr=0.1, m=0.9, symmetric="client")
+
+    def run(reuse: bool) -> tuple[ClientGroup, list[nn.Module]]:
+        group, srv, seen = _group(6, hp), make_server(), []
+        for epoch in range(3):
+            pool = sample_clients(seed=5, epoch=epoch, num_clients=6, k=3)
+            group.end_epoch()
+            if not reuse:
+                group.spare.clear()
+            group.begin_epoch(epoch, pool)
+            seen += [group.live[c].online for c in pool]
+            _train_steps(group, pool, srv, 2)
+            fr = group.fronts(pool)
+            group.load(GlobalFronts(fedavg([fr[c][0] for c in pool]), fedavg([fr[c][1] for c in pool]) if align else None))
+            _train_steps(group, pool, srv, 1)  # records left unsynced at the epoch end
+        group.end_epoch()
+        return group, seen
+
+    (reused, seen_r), (fresh, seen_f) = run(True), run(False)
+    assert len({id(m) for m in seen_r}) == 3 and len({id(m) for m in seen_f}) == 9  # the same three pairs, reused
+    a, b = reused.state_dict(), fresh.state_dict()
+    assert a["records"].keys() == b["records"].keys() and len(a["records"]) >= 4
+    for cid in a["records"]:
+        ra, rb = a["records"][cid], b["records"][cid]
+        assert ra["steps"] == rb["steps"] > 0
+        for key in ("online", "momentum"):
+            assert (ra[key] is None) == (rb[key] is None)
+            if ra[key] is not None:
+                assert all(torch.equal(ra[key][k], rb[key][k]) for k in ra[key])
+        for sa, sb in zip(ra["optimizer"]["state"].values(), rb["optimizer"]["state"].values()):
+            assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert all(torch.equal(a["global_online"][k], b["global_online"][k]) for k in a["global_online"])
+    assert all(p.grad is None for m in reused.spare for p in m[0].parameters())
+    assert all(not p.requires_grad for m in reused.spare for p in m[1].parameters())
 
 
 def test_group_state_dict_round_trip_mid_epoch() -> None:

@@ -68,6 +68,9 @@ class ClientHost:
     pending: dict[int, int] = field(default_factory=dict)
     # hp.batching = "on": the live clients' forwards and backwards as one batched pass
     batched: BatchedClients | None = field(init=False, default=None)
+    # (online, momentum) modules of the clients retired at the last epoch end, reused by the
+    # next epoch's clients instead of deep-copying the template (at most as many as were live)
+    spare: list[tuple[nn.Module, nn.Module]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.template = self.template.to(self.device)
@@ -85,8 +88,7 @@ class ClientHost:
     # ---------------------------------------------------------------- epochs
     def _materialise(self, cid: int) -> ClientWorker:
         rec = self.records.get(cid, ClientRecord())
-        online = copy.deepcopy(self.template)
-        momentum = copy.deepcopy(self.template)
+        online, momentum = self._modules()
         online.load_state_dict(rec.online if rec.online is not None else self.global_online)
         momentum.load_state_dict(rec.momentum if rec.momentum is not None else self.global_momentum)
         w = ClientWorker(cid, online, momentum, self.hp)
@@ -97,6 +99,27 @@ class ClientHost:
         w.momentum_synced = rec.momentum is None
         w.set_epoch_lr(self.epoch)
         return w
+
+    def _modules(self) -> tuple[nn.Module, nn.Module]:
+        """Two modules shaped as the template, in its mode and with its requires_grad flags: a
+        retired client's pair (every value is then loaded) or two deep copies."""
+        if not self.spare:
+            return copy.deepcopy(self.template), copy.deepcopy(self.template)
+        pair = self.spare.pop()
+        for m in pair:
+            m.train(self.template.training)
+            for p, tp in zip(m.parameters(), self.template.parameters()):
+                p.requires_grad_(tp.requires_grad)
+        return pair
+
+    def _retire(self) -> None:
+        """Clear the live clients, keeping their modules (gradients freed) for the next ones."""
+        for w in self.live.values():
+            w.drop_graph()
+            for p in w.online.parameters():
+                p.grad = None
+            self.spare.append((w.online, w.momentum))
+        self.live.clear()
 
     def _compact(self, w: ClientWorker) -> ClientRecord:
         return ClientRecord(
@@ -122,7 +145,7 @@ class ClientHost:
                 self.records.pop(cid, None)
             else:
                 self.records[cid] = rec
-        self.live.clear()
+        self._retire()
         self.pending.clear()
         if self.batched is not None:
             self.batched.clear()
@@ -245,7 +268,7 @@ class ClientHost:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.live.clear()
+        self._retire()
         if self.batched is not None:
             self.batched.clear()
         self.global_online = _clone_sd(state["global_online"])
@@ -292,6 +315,8 @@ class ClientHost:
             total += size(r.online) + size(r.momentum) + size(r.optimizer)
         for w in self.live.values():
             total += size(w.online.state_dict()) + size(w.momentum.state_dict()) + size(w.optimizer.state_dict())
+        for online, momentum in self.spare:
+            total += size(online.state_dict()) + size(momentum.state_dict())
         return total
 
 
