@@ -243,6 +243,14 @@ def synced_front(run_dir: Path) -> tuple[dict[str, Any], int]:
     return ckpt["global_online"], int(ckpt.get("global_step", -1))
 
 
+def synced_encoder(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """A run folder's synced client front, its server's online net and the checkpoint's step."""
+    ckpt = load_checkpoint(run_dir)
+    if "global_online" not in ckpt or "server" not in ckpt:
+        raise CheckpointError(f"the checkpoint in {run_dir} has no client front or server")
+    return ckpt["global_online"], ckpt["server"]["online"], int(ckpt.get("global_step", -1))
+
+
 def load_weights(module: Any, state: dict[str, Any], what: str) -> None:
     """``module.load_state_dict(state)``; a mismatch is a CheckpointError naming ``what`` (e.g. "client front")."""
     try:

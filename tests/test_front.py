@@ -18,6 +18,7 @@ from mona_sfl.config import ConfigError, schema_config
 from mona_sfl.engine import Trainer
 from mona_sfl.eval.front import activation_stats, encode_front, inspect_run, weight_norm_sq
 from mona_sfl.eval.knn import stratified_subset
+from mona_sfl.data.views import normalize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,6 +99,42 @@ def test_front_knn_is_the_knn_of_the_fronts_own_activations(run_dir: Path) -> No
     assert res["trained"] == inspect_run(run_dir, num_test=8)["trained"] and "knn" not in inspect_run(run_dir, num_test=8)
 
 
+def test_depth_knn_ends_at_the_runs_own_knn(run_dir: Path) -> None:
+    """kNN along the encoder: the projector's entry is the run's kNN (untrained: that of the initial encoder),
+    the last unit's is the pooled-backbone kNN, the front's that of its position-averaged output."""
+    from mona_sfl.eval.knn import knn_accuracy
+    from mona_sfl.eval.monitor import eval_sets
+
+    res = inspect_run(run_dir, num_test=8, depth=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = load_run_config(run_dir)
+    assert cfg.eval.knn_features == "projector"
+    units = [f"unit {i}" for i in range(cfg.model.cut, 9)]
+    for which in ("untrained", "trained"):
+        assert list(res["depth"][which]) == ["front", *units, "projector"]
+    assert res["depth"]["trained"]["projector"] == summary["knn_top1"]
+    front, server = build.build_models(cfg)
+    front.eval(), server.eval()
+    bank, test = eval_sets(cfg, build.load_data(cfg, "train"), build.load_data(cfg, "test"))
+    assert cfg.model.cut == 2
+
+    def knn(encode):  # type: ignore[no-untyped-def]
+        fb = torch.nn.functional.normalize(encode(normalize(bank.images, bank.mean, bank.std)), dim=1)
+        ft = torch.nn.functional.normalize(encode(normalize(test.images, bank.mean, bank.std)), dim=1)
+        return knn_accuracy(fb, bank.labels, ft, test.labels, len(bank.classes), k=cfg.eval.knn_k, t=cfg.eval.knn_t)
+
+    with torch.no_grad():
+        assert res["depth"]["untrained"]["projector"] == knn(lambda x: server(front(x)))
+        assert res["depth"]["untrained"]["unit 4"] == knn(lambda x: server.body[:3](front(x)).mean(dim=(2, 3)))
+    ckpt = load_checkpoint(run_dir)
+    front.load_state_dict(ckpt["global_online"])
+    server.load_state_dict(ckpt["server"]["online"])
+    with torch.no_grad():
+        assert res["depth"]["trained"][units[-1]] == knn(lambda x: server.features(front(x)))
+        assert res["depth"]["trained"]["front"] == knn(lambda x: front(x).mean(dim=(2, 3)))
+    assert "depth" not in inspect_run(run_dir, num_test=8) and res["trained"] == inspect_run(run_dir, num_test=8)["trained"]
+
+
 def test_front_cli(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["front", str(run_dir), "--num-test", "8"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -112,6 +149,13 @@ def test_front_cli(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert out[0].rstrip().endswith("front kNN %") and out[2].endswith(f"{knn['untrained']:.2f}") and out[3].endswith(f"{knn['trained']:.2f}")
     assert main(["front", str(run_dir), "--num-test", "8", "--knn", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["knn"] == knn
+    assert main(["front", str(run_dir), "--num-test", "8", "--depth"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    depth = inspect_run(run_dir, num_test=8, depth=True)["depth"]
+    assert out[6].split()[1:4] == ["features", "after", "untrained"] and len(out) == 8 + len(depth["trained"]) + 1
+    assert out[-2].split()[-3:] == ["projector", f"{depth['untrained']['projector']:.2f}", f"{depth['trained']['projector']:.2f}"]
+    assert main(["front", str(run_dir), "--num-test", "8", "--depth", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["depth"] == depth
 
 
 @pytest.mark.parametrize(("args", "message"), [

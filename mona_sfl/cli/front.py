@@ -35,6 +35,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--device", help="cpu, cuda or auto (default: each run's device key)")
     p.add_argument("--knn", action="store_true", help="also the kNN top-1 of each front's own activations (flattened), on the run's "
                    "kNN bank and test set with its eval.knn_k and eval.knn_t: what the front alone still tells apart")
+    p.add_argument("--depth", action="store_true", help="also the kNN top-1 along each run's encoder, untrained and trained: features "
+                   "averaged over positions after the front and after every server unit, and the projector's output (the run's "
+                   "kNN bank and test set): where what tells the classes apart is gained or lost")
     p.add_argument("--json", action="store_true", help="print one JSON object per run instead of the table")
 
 
@@ -43,15 +46,25 @@ def run(args: argparse.Namespace) -> int:
     from mona_sfl.runs import table
 
     rows: list[list[str]] = []
+    depth_rows: list[list[str]] = []
     for run_dir in args.runs:
-        res = inspect_run(run_dir, num_test=args.num_test, device=args.device, knn=args.knn)
+        res = inspect_run(run_dir, num_test=args.num_test, device=args.device, knn=args.knn, depth=args.depth)
         if args.json:
             print(json.dumps({"run": run_dir, **res, "untrained": res["untrained"].to_dict(), "trained": res["trained"].to_dict()}))
             continue
         for which, label in (("untrained", "untrained"), ("trained", f"step {res['step']}")):
             knn = [f"{res['knn'][which]:.2f}"] if args.knn else []
             rows.append([run_dir, label, *(cell(res[which]) for cell in COLUMNS.values()), *knn])
+        if args.depth:
+            depth_rows.extend(
+                [run_dir, where, f"{res['depth']['untrained'][where]:.2f}", f"{res['depth']['trained'][where]:.2f}"]
+                for where in res["depth"]["trained"]
+            )
     if not args.json:
         print(table(["run", "front", *COLUMNS, *(["front kNN %"] if args.knn else [])], rows), end="")
         print(f"on {args.num_test} test images of each run drawn class by class, fronts in eval mode")
+        if args.depth:
+            print()
+            print(table(["run", "features after", "untrained kNN %", "trained kNN %"], depth_rows), end="")
+            print("kNN top-1 on each run's kNN bank and test set; features averaged over positions, L2-normalised")
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mona_sfl.checkpoint import load_run_config, load_weights, synced_front
+from mona_sfl.checkpoint import load_run_config, load_weights, synced_encoder, synced_front
 from mona_sfl.config import ConfigError
 from mona_sfl.data.views import normalize
 from mona_sfl.eval.knn import knn_accuracy, stratified_subset
@@ -117,12 +117,45 @@ def front_knn(front: nn.Module, bank: Any, test: Any, cfg: Any, device: torch.de
     return knn_accuracy(feats(bank), bank.labels, feats(test), test.labels, len(bank.classes), k=cfg.eval.knn_k, t=cfg.eval.knn_t)
 
 
-def inspect_run(run_dir: str | Path, *, num_test: int = 1000, device: str | None = None, knn: bool = False) -> dict[str, Any]:
+@torch.no_grad()
+def depth_features(front: nn.Module, server: nn.Module, images: Tensor, mean: Any, std: Any, device: torch.device, batch_size: int = 256) -> dict[str, Tensor]:
+    """L2-normalised features at every depth of the encoder ``front -> server`` (both as they are;
+    callers set eval mode), on the CPU: ``"front"`` (the front's output averaged over positions),
+    ``"unit N"`` after each server backbone unit N (averaged over positions; the last one is the
+    pooled backbone feature) and ``"projector"`` (the projector's output)."""
+    parts: dict[str, list[Tensor]] = {}
+    for i in range(0, images.shape[0], batch_size):
+        h = front(normalize(images[i : i + batch_size], mean, std).to(device))
+        row = {"front": h.mean(dim=(2, 3))}
+        for name, unit in server.body.named_children():
+            h = unit(h)
+            row[f"unit {name}"] = h.mean(dim=(2, 3))
+        row["projector"] = server.projector(server.pool(h))
+        for k, v in row.items():
+            parts.setdefault(k, []).append(torch.nn.functional.normalize(v.float(), dim=1).cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def depth_knn(front: nn.Module, server: nn.Module, bank: Any, test: Any, cfg: Any, device: torch.device) -> dict[str, float]:
+    """kNN top-1 (%) of :func:`depth_features` at every depth, on the run's kNN bank and evaluation
+    test set with its ``eval.knn_k`` and ``eval.knn_t``: where along the encoder what tells the
+    classes apart is gained or lost."""
+    bs = cfg.eval.batch_size
+    fb = depth_features(front, server, bank.images, bank.mean, bank.std, device, bs)
+    ft = depth_features(front, server, test.images, bank.mean, bank.std, device, bs)
+    return {k: knn_accuracy(fb[k], bank.labels, ft[k], test.labels, len(bank.classes), k=cfg.eval.knn_k, t=cfg.eval.knn_t) for k in fb}
+
+
+def inspect_run(
+    run_dir: str | Path, *, num_test: int = 1000, device: str | None = None, knn: bool = False, depth: bool = False
+) -> dict[str, Any]:
     """The run's synced front (its checkpoint's ``global_online``) and its untrained front, in eval
     mode, on ``num_test`` test images drawn class by class (:func:`~mona_sfl.eval.knn.stratified_subset`,
     the draw of the run's kNN test set): ``{"step", "num_test", "untrained", "trained"}``
     with :class:`FrontStats` for both. ``device`` None: the run config's ``device`` key.
-    ``knn``: also ``"knn": {"untrained", "trained"}``, :func:`front_knn` of both fronts."""
+    ``knn``: also ``"knn": {"untrained", "trained"}``, :func:`front_knn` of both fronts;
+    ``depth``: also ``"depth": {"untrained", "trained"}``, :func:`depth_knn` of the run's
+    untrained and trained encoders (front and server)."""
     from mona_sfl import build
     from mona_sfl.eval.monitor import eval_sets
 
@@ -130,23 +163,31 @@ def inspect_run(run_dir: str | Path, *, num_test: int = 1000, device: str | None
         raise ConfigError(f"num-test must be an integer >= 2, got {num_test!r}")
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    state, step = synced_front(run_dir)
+    server_state: dict[str, Any] | None = None
+    if depth:
+        state, server_state, step = synced_encoder(run_dir)
+    else:
+        state, step = synced_front(run_dir)
     test = build.load_data(cfg, "test")
     if len(test) < num_test:
         raise ConfigError(f"num-test {num_test} is more than the run's {len(test)} test images")
     dev = build.resolve_device(cfg.device if device is None else device)
-    front, _ = build.build_models(cfg)
-    front = front.to(dev).eval()
+    front, server = build.build_models(cfg)
+    front, server = front.to(dev).eval(), server.to(dev).eval()
     images = test.images[torch.as_tensor(stratified_subset(test.labels, num_test))]  # image folders list class by class
-    sets = eval_sets(cfg, build.load_data(cfg, "train"), test) if knn else None
-    res: dict[str, Any] = {"step": step, "num_test": num_test, **({"knn": {}} if knn else {})}
+    sets = eval_sets(cfg, build.load_data(cfg, "train"), test) if knn or depth else None
+    res: dict[str, Any] = {"step": step, "num_test": num_test, **({"knn": {}} if knn else {}), **({"depth": {}} if depth else {})}
     for which in ("untrained", "trained"):
         if which == "trained":
             load_weights(front, state, "client front")
+            if server_state is not None:
+                load_weights(server, server_state, "server")
         res[which] = activation_stats(encode_front(front, images, test.mean, test.std, dev), front.state_dict())
-        if sets is not None:
+        if knn and sets is not None:
             res["knn"][which] = front_knn(front, *sets, cfg, dev)
+        if depth and sets is not None:
+            res["depth"][which] = depth_knn(front, server, *sets, cfg, dev)
     return res
 
 
-__all__ = ["FrontStats", "activation_stats", "encode_front", "front_knn", "inspect_run", "weight_norm_sq"]
+__all__ = ["FrontStats", "activation_stats", "depth_features", "depth_knn", "encode_front", "front_knn", "inspect_run", "weight_norm_sq"]

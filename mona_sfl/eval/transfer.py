@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from mona_sfl.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_run_config, load_weights
+from mona_sfl.checkpoint import atomic_write_text, load_run_config, load_weights, synced_encoder
 from mona_sfl.core.merge import is_matrix, layer_k
 from mona_sfl.core.schedule import cosine_lr
 from mona_sfl.data.views import normalize
@@ -281,10 +281,7 @@ def run_backbone(run_dir: Path, cfg: "Config") -> tuple[Callable[[], Backbone], 
     """A function building a fresh copy of the run's trained backbone (front + server body), and the checkpoint's step."""
     from mona_sfl import build
 
-    ckpt = load_checkpoint(run_dir)
-    if "global_online" not in ckpt or "server" not in ckpt:
-        raise CheckpointError(f"the checkpoint in {run_dir} has no client front or server")
-    front_state, server_state = ckpt["global_online"], ckpt["server"]["online"]
+    front_state, server_state, step = synced_encoder(run_dir)
 
     def make() -> Backbone:
         front, server = build.build_models(cfg)
@@ -292,7 +289,7 @@ def run_backbone(run_dir: Path, cfg: "Config") -> tuple[Callable[[], Backbone], 
         load_weights(server, server_state, "server")
         return Backbone(front, server)
 
-    return make, int(ckpt.get("global_step", -1))
+    return make, step
 
 
 def transfer_run(
