@@ -367,7 +367,10 @@ def run_one(
         expected = {"up": costs.counted_up_total, "down": costs.counted_down_total, "sync": costs.counted_sync_total}
         off = {k: (measured[k], expected[k]) for k in measured if measured[k] != expected[k]}
         if off:
-            log.warning("measured bytes differ from the analytic counts: %s", off)
+            log.warning(
+                "measured bytes differ from the analytic counts (measured, analytic): %s; the analytic per-step counts assume "
+                "full batches (a client's last batch of a pass holds the remainder of its images)", off,
+            )
     row: dict[str, Any] = {
         "method": method,
         "cut": cut,
