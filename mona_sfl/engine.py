@@ -103,6 +103,8 @@ class Trainer:
         self.num_classes = len(self.train_data.classes)
         self.parts = build.client_partition(cfg, self.train_data.labels, self.num_classes)
         self.schedule = build.schedule(cfg, self.parts)
+        if note := self.schedule.sync_note():
+            log.warning(note)
         self.steps_per_epoch = self.schedule.steps_per_epoch
         self.server = build.build_server(cfg, self.device)
         front, _ = build.build_models(cfg)

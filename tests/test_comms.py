@@ -132,6 +132,25 @@ def test_steps_and_syncs_follow_the_engine(epochs: int, spe: int, every: int, ma
     assert c.bytes_total == c.latent_total + c.total_syncs * c.bytes_per_sync  # every client in every epoch
 
 
+def test_sync_interval_longer_than_an_epoch_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Epochs of 2 steps and fed.sync_every=3: the clients sync at every epoch end, and the run says so."""
+    from mona_sfl.core.schedule import Schedule
+    from mona_sfl.engine import Trainer
+
+    cfg = schema_config(tiny_overrides("train.epochs=2", "train.steps_per_epoch=2", "fed.sync_every=3"))
+    sched = Schedule.from_config(cfg, steps_per_epoch=2)
+    assert sched.total_syncs == 2 and [sched.sync_due(k, k) for k in (1, 2)] == [False, True]
+    assert sched.sync_note() == (
+        "fed.sync_every=3 is longer than an epoch (2 steps): the clients sync at every epoch end, every 2 steps "
+        "(more images per client, e.g. a larger data.proportion, make epochs longer)"
+    )
+    assert Schedule.from_config(cfg, steps_per_epoch=3).sync_note() is None
+    with caplog.at_level("WARNING", logger="mona_sfl"):
+        with Trainer(cfg, tmp_path / "run", progress=False):
+            pass
+    assert [r.getMessage() for r in caplog.records if r.name == "mona_sfl"] == [sched.sync_note()]
+
+
 def test_steps_per_epoch_without_loading_images() -> None:
     cfg = tiny_cfg("data.proportion=0.7", "fed.num_clients=4", "train.batch_size=6")
     train = build.load_data(cfg, "train")

@@ -139,6 +139,17 @@ class Schedule:
             or (self.sync_every > 0 and step_in_epoch % self.sync_every == 0)
         )
 
+    def sync_note(self) -> str | None:
+        """A sentence when ``fed.sync_every`` is longer than an epoch (the clients then sync at
+        every epoch end, more often than asked); None otherwise."""
+        if self.sync_every > self.steps_per_epoch:
+            return (
+                f"fed.sync_every={self.sync_every} is longer than an epoch ({self.steps_per_epoch} steps): the clients sync at "
+                f"every epoch end, every {self.steps_per_epoch} steps (more images per client, e.g. a larger data.proportion, "
+                f"make epochs longer)"
+            )
+        return None
+
     def syncs_in_epoch(self, epoch: int) -> int:
         return syncs_in(self.steps_in_epoch(epoch), self.sync_every)
 

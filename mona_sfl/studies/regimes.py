@@ -18,7 +18,10 @@ projector (K 6000, 1024-d), its per-step client LR schedule (``train.client_sche
 reference``) and a 200-epoch cosine (the step budget, ``train.max_steps``, ends the run long
 before). kNN runs every ``curve_every`` steps for the learning curves; the divergence
 metrics are logged at every sync. Everything is a ``--set`` override, so the user's own
-``--set`` wins.
+``--set`` wins. An epoch is one pass over a client's images: with 200 clients on a
+5,000-image subset it lasts 25 steps, and the epoch-end sync comes before the 50th step
+(the run warns); ``clients200`` needs the whole CIFAR-10 training set
+(``data.proportion=1.0``, 250 images per client) for the reference's 50-step interval.
 
 This module imports nothing heavy.
 """
