@@ -186,3 +186,18 @@ def test_attack_cli_device_from_the_config_and_progress_lines(run_dir: Path, tmp
     assert main(["attack", "--config", str(run_dir / "config.toml"), "--set", "device=auto", "--out", str(tmp_path / "b"), "--quiet", *small]) == 0
     assert "attack: decoder" not in capsys.readouterr().err
     assert json.loads((tmp_path / "b" / "attack.json").read_text())["meta"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_stored_attack_from_the_first_n_images_is_not_reused() -> None:
+    """The study reuses a stored attack only if it was made with the same options, seed and
+    held-out draw: results from before the class-stratified draw (no ``held_out_draw``) are redone."""
+    from mona_sfl.privacy.attack import HELD_OUT_DRAW, AttackResult
+    from mona_sfl.studies.split_depth import _same_attack
+
+    kw = {"epochs": 2, "aux_fraction": 0.1, "num_test": 16, "decoder_width": 8, "decoder_blocks": 1}
+    stored = AttackResult(mse=0.01, psnr=20.0, ssim=0.5, aux_size=20, seed=3, **kw).to_dict()
+    assert stored["held_out_draw"] == HELD_OUT_DRAW == "class-stratified"
+    assert _same_attack(stored, kw, 3)
+    assert not _same_attack(stored, kw, 4) and not _same_attack(stored, {**kw, "epochs": 3}, 3)
+    before_the_draw = {k: v for k, v in stored.items() if k != "held_out_draw"}
+    assert not _same_attack(before_the_draw, kw, 3)

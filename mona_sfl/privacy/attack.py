@@ -62,6 +62,9 @@ from mona_sfl.data.images import ImageData
 from mona_sfl.eval.front import encode_front
 from mona_sfl.eval.knn import stratified_subset
 
+#: How the held-out images are drawn (recorded in every result: a cached result without it
+#: was measured on the first ``num_test`` test images and is not reused).
+HELD_OUT_DRAW = "class-stratified"
 ATTACK_JSON = "attack.json"
 ATTACK_PNG = "attack.png"
 BASELINE_JSON = "attack_untrained.json"
@@ -264,6 +267,7 @@ class AttackResult:
     final_train_loss: float = float("nan")
     train_s: float = 0.0
     jpeg: bool = False  # no JPEG round trip (the reference compares against JPEG-decoded images)
+    held_out_draw: str = HELD_OUT_DRAW  # which test images are reconstructed (aux_indices)
     grid_path: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # run folder, cut, method, checkpoint step, ...
 

@@ -316,14 +316,21 @@ def write_curves(out: Path, rows: list[dict[str, Any]]) -> Path:
     return out / "curves.csv"
 
 
+def _same_attack(old: dict[str, Any], attack_kw: dict[str, Any], seed: int) -> bool:
+    """Whether a stored attack result was made with these options, seed and held-out draw."""
+    from mona_sfl.privacy.attack import HELD_OUT_DRAW
+
+    same_kw = all(old.get(k) == v for k, v in attack_kw.items())
+    return same_kw and old.get("seed") == seed and old.get("held_out_draw") == HELD_OUT_DRAW
+
+
 def attack_cached(run_dir: Path, attack_kw: dict[str, Any], step: int, device: str, seed: int, progress: bool = False) -> dict[str, Any]:
     from mona_sfl.privacy.attack import ATTACK_JSON, attack_run
 
     p = run_dir / ATTACK_JSON
     if p.is_file():
         old = json.loads(p.read_text(encoding="utf-8"))
-        same = all(old.get(k) == v for k, v in attack_kw.items()) and old.get("seed") == seed
-        if same and old.get("meta", {}).get("checkpoint_step") == step:
+        if _same_attack(old, attack_kw, seed) and old.get("meta", {}).get("checkpoint_step") == step:
             return old
     return attack_run(run_dir, device=device, seed=seed, progress=progress, **attack_kw).to_dict()
 
@@ -334,7 +341,7 @@ def baseline_cached(cfg: Config, out_dir: Path, attack_kw: dict[str, Any], devic
     p = out_dir / ATTACK_JSON
     if p.is_file():
         old = json.loads(p.read_text(encoding="utf-8"))
-        if all(old.get(k) == v for k, v in attack_kw.items()) and old.get("seed") == seed:
+        if _same_attack(old, attack_kw, seed):
             return old
     return attack_config(cfg, out_dir, device=device, seed=seed, progress=progress, **attack_kw).to_dict()
 
