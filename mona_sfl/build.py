@@ -122,6 +122,11 @@ def client_hparams(cfg: Config) -> ClientHParams:
     )
 
 
+def two_views(cfg: Config, data: ImageData) -> TwoViews:
+    """The run's MoCo v2 augmentation, normalising with ``data``'s mean and std."""
+    return TwoViews(data.mean, data.std, size=cfg.data.image_size, blur=cfg.data.blur, crop_scale=(cfg.data.crop_min, 1.0))
+
+
 def build_host(
     cfg: Config,
     client_ids: list[int],
@@ -135,7 +140,7 @@ def build_host(
         train = load_data(cfg, "train")
     if parts is None:
         parts = client_partition(cfg, train.labels, len(train.classes))
-    views = TwoViews(train.mean, train.std, size=cfg.data.image_size, blur=cfg.data.blur, crop_scale=(cfg.data.crop_min, 1.0))
+    views = two_views(cfg, train)
     streams = {
         cid: ClientStream(train, parts[cid], cfg.train.batch_size, seed=cfg.seed, client_id=cid, views=views)
         for cid in client_ids
@@ -189,6 +194,7 @@ __all__ = [
     "steps_per_epoch",
     "build_models",
     "client_hparams",
+    "two_views",
     "build_host",
     "split_info",
     "activation_spec",

@@ -208,7 +208,6 @@ def probe_run(
     up to ``clients`` of them, evenly spaced. ``after`` > 0: probe the state :func:`state_after`
     that many steps past the checkpoint (fronts apart, as between syncs) instead of the checkpoint."""
     from mona_sfl import build
-    from mona_sfl.data.views import TwoViews
     from mona_sfl.eval.knn import stratified_subset
 
     for name, v, lo in (("num-test", num_test, 4), ("clients", clients, 1)):
@@ -237,7 +236,7 @@ def probe_run(
     for m in (front, net, net_m):
         m.to(dev).eval()
     images = test.images[torch.as_tensor(stratified_subset(test.labels, num_test))]
-    views = TwoViews(test.mean, test.std, size=cfg.data.image_size, blur=cfg.data.blur, crop_scale=(cfg.data.crop_min, 1.0))
+    views = build.two_views(cfg, test)
     x1, x2 = views(images[0::2], seed)
     neg = views(images[1::2], seed + 1)[1]
     return probe_key_sources(front, net, net_m, online, momentum, probe, sources, (x1, x2), neg, ckpt["server"]["queue"]["queue"],
